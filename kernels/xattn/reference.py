@@ -1,0 +1,104 @@
+"""Media-indexed cross-attention in plain PyTorch: the specification the Triton kernel must meet.
+
+Shapes: B batch, H heads, T text tokens, M media (images) per sample, N latents per image,
+K head dim.
+
+Semantics (OpenFlamingo's `MaskedCrossAttention` with only_attend_immediate_media=True):
+- text_time[b, t] = number of `<image>` tokens at or before t (a cumsum, so non-decreasing in t);
+- 1 <= text_time <= M: the token attends to the N latents of image text_time - 1 only;
+- text_time == 0 (text before the first image): the attention output is exactly 0;
+- text_time > M (more `<image>` tokens than images): every key is masked, and the reference's
+  softmax over all-equal logits is uniform over all M * N keys, i.e. the mean of all values.
+
+`media_attention_gather` costs O(T * N) per sample whatever M is: it walks the runs of equal
+text_time (contiguous, because text_time is a cumsum) and attends each run to its own image.
+`media_attention_dense` builds the full T x (M * N) masked score matrix, as OpenFlamingo does;
+it is kept as a second reference for tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _runs(text_time_row: list[int]) -> list[tuple[int, int, int]]:
+    """Split one row of text_time into (start, end, value) runs of equal values."""
+    runs, start = [], 0
+    for t in range(1, len(text_time_row) + 1):
+        if t == len(text_time_row) or text_time_row[t] != text_time_row[start]:
+            runs.append((start, t, text_time_row[start]))
+            start = t
+    return runs
+
+
+def media_attention_gather(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_time: torch.Tensor
+) -> torch.Tensor:
+    """Attention of each text token over the latents of its own image only.
+
+    Args:
+        q: (B, H, T, K) queries (unscaled; scaled here by K ** -0.5).
+        k: (B, M, H, N, K) keys of every image.
+        v: (B, M, H, N, K) values of every image.
+        text_time: (B, T) integer media index per token (0 = before the first image).
+    Returns:
+        (B, H, T, K) attention output; rows with text_time == 0 are exactly zero.
+    """
+    B, H, T, K = q.shape
+    M = k.shape[1]
+    rows = []
+    for b, tt_row in enumerate(text_time.tolist()):
+        pieces = []
+        for start, end, m in _runs(tt_row):
+            q_run = q[b : b + 1, :, start:end]  # (1, H, L, K)
+            if m == 0:
+                pieces.append(torch.zeros_like(q_run))
+            elif m <= M:
+                pieces.append(F.scaled_dot_product_attention(q_run, k[b : b + 1, m - 1], v[b : b + 1, m - 1]))
+            else:  # all keys masked: uniform attention over every latent of every image
+                mean_v = v[b].mean(dim=(0, 2))  # (H, K)
+                pieces.append(mean_v[None, :, None, :].expand(1, H, end - start, K))
+        rows.append(torch.cat(pieces, dim=2))
+    return torch.cat(rows, dim=0)
+
+
+def media_attention_dense(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_time: torch.Tensor
+) -> torch.Tensor:
+    """The same result through a dense (T, M * N) masked score matrix, as OpenFlamingo computes it.
+
+    Args and Returns: as `media_attention_gather`.
+    """
+    B, H, T, K = q.shape
+    M, N = k.shape[1], k.shape[3]
+    k_all = k.permute(0, 2, 1, 3, 4).reshape(B, H, M * N, K)  # (B, H, M*N, K)
+    v_all = v.permute(0, 2, 1, 3, 4).reshape(B, H, M * N, K)
+    scores = torch.einsum("bhtk,bhjk->bhtj", q * K**-0.5, k_all)  # (B, H, T, M*N)
+    key_media = torch.arange(1, M + 1, device=q.device).repeat_interleave(N)  # (M*N,)
+    allowed = text_time[:, None, :, None] == key_media[None, None, None, :]  # (B, 1, T, M*N)
+    scores = scores.masked_fill(~allowed, -torch.finfo(scores.dtype).max)
+    attn = scores.softmax(dim=-1)
+    attn = attn.masked_fill((text_time == 0)[:, None, :, None], 0.0)
+    return torch.einsum("bhtj,bhjk->bhtk", attn, v_all)
+
+
+def gated_media_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    text_time: torch.Tensor,
+    gate: torch.Tensor,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """residual + tanh(gate) * media_attention(q, k, v, text_time); the fused op's specification.
+
+    Args:
+        q, k, v, text_time: as `media_attention_gather`.
+        gate: (1,) gate parameter (tanh is applied here).
+        residual: (B, H, T, K) added to the gated output, or None for no residual.
+    Returns:
+        (B, H, T, K).
+    """
+    out = torch.tanh(gate) * media_attention_gather(q, k, v, text_time)
+    return out if residual is None else residual + out

@@ -1,0 +1,423 @@
+"""The typed config tree: dataclasses, YAML loading, dotted overrides, validation.
+
+One source of truth for a run. `load_config(path, overrides)` reads a YAML file into the tree,
+applies `section.key=value` overrides, and validates everything that can be checked without
+starting a process group. Every user error raises `ConfigError` with one clear line; the CLIs
+turn it into exit code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user error in a config file or override: one line that says what is wrong."""
+
+
+# ----------------------------------------------------------------------------- model
+
+
+@dataclass
+class VisionConfig:
+    """The frozen open_clip vision tower."""
+
+    open_clip_model: Optional[str] = None
+    """A named open_clip architecture, e.g. "ViT-L-14" (weights from `weights`)."""
+    open_clip_config: Optional[dict] = None
+    """An inline open_clip model config ({"embed_dim":..., "vision_cfg": {...}}), for tiny towers."""
+    weights: Optional[str] = None
+    """Local open_clip checkpoint file (state dict of the CLIP model or of its `visual`). None: random."""
+
+
+@dataclass
+class LMConfig:
+    """The frozen decoder LM: a local Hugging Face checkpoint dir, or an inline family + sizes."""
+
+    hf_path: Optional[str] = None
+    """Local HF checkpoint directory (config.json + safetensors/bin). Overrides the inline sizes."""
+    family: str = "llama"
+    """One of "llama", "mpt", "gpt_neox"."""
+    vocab_size: int = 256
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: Optional[int] = None
+    """GQA key/value heads (LLaMA); None means num_heads."""
+    intermediate_size: Optional[int] = None
+    """MLP width; None means 4 * hidden_size (MPT: expansion_ratio * hidden_size)."""
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[dict] = None
+    """HF rope_scaling dict (llama3 / linear / dynamic ...), as in the checkpoint's config.json."""
+    rotary_pct: float = 1.0
+    """GPT-NeoX: fraction of each head's dims that get rotary embeddings."""
+    use_parallel_residual: bool = True
+    """GPT-NeoX: attention and MLP read the same input (RedPajama-INCITE)."""
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 2048
+    alibi_bias_max: int = 8
+    """MPT: ALiBi slope parameter."""
+    qkv_clip: Optional[float] = None
+    """MPT clip_qkv."""
+    mlp_bias: bool = False
+    attention_bias: bool = False
+    hidden_act: str = "silu"
+
+
+@dataclass
+class PerceiverConfig:
+    """The Perceiver resampler (OpenFlamingo defaults)."""
+
+    depth: int = 6
+    heads: int = 8
+    dim_head: int = 64
+    num_latents: int = 64
+    ff_mult: int = 4
+
+
+@dataclass
+class XAttnConfig:
+    """The gated cross-attention blocks (OpenFlamingo defaults)."""
+
+    heads: int = 8
+    dim_head: int = 64
+    ff_mult: int = 4
+
+
+@dataclass
+class KernelsConfig:
+    """Which implementation runs each op."""
+
+    xattn: str = "auto"
+    """Media-indexed cross-attention: "auto" (Triton on CUDA, reference elsewhere), "triton", "reference"."""
+
+
+@dataclass
+class ModelConfig:
+    """A Flamingo model: vision tower, perceiver, cross-attention stack around a decoder LM."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    lm: LMConfig = field(default_factory=LMConfig)
+    tokenizer: Optional[str] = None
+    """Local HF tokenizer dir; `<image>`, `<|endofchunk|>`, `<PAD>` are added as OpenFlamingo does."""
+    cross_attn_every_n_layers: int = 1
+    perceiver: PerceiverConfig = field(default_factory=PerceiverConfig)
+    xattn: XAttnConfig = field(default_factory=XAttnConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    vocab_size: Optional[int] = None
+    """Rows of the resized embedding (= len(tokenizer)); filled from the tokenizer when None."""
+    media_token_id: Optional[int] = None
+    """Id of `<image>`; filled from the tokenizer when None."""
+    eoc_token_id: Optional[int] = None
+    """Id of `<|endofchunk|>`; filled from the tokenizer when None."""
+    pad_token_id: Optional[int] = None
+    """Id of the pad token; filled from the tokenizer when None."""
+    freeze_lm_embeddings: bool = False
+    """True: the added token rows are frozen too (OpenFlamingo --freeze_lm_embeddings)."""
+    openflamingo_checkpoint: Optional[str] = None
+    """A released-format OpenFlamingo checkpoint.pt to import after building."""
+
+
+# ----------------------------------------------------------------------------- rest of the run
+
+
+@dataclass
+class ParallelConfig:
+    """The 3D layout; dp = world_size / (tp * pp)."""
+
+    tp: int = 1
+    pp: int = 1
+    zero_stage: int = 0
+    pipeline_partition: Optional[list] = None
+    """Explicit stage boundaries (block indices), overriding the compute-balanced partition."""
+    activation_checkpointing: bool = False
+
+
+@dataclass
+class StreamConfig:
+    """One training data stream (LAION-style pairs or MMC4-style interleaved documents)."""
+
+    shards: Optional[str] = None
+    """Brace-expandable shard path(s), e.g. "data/laion/{000..099}.tar". None: stream off."""
+    batch_size: int = 8
+    """Global samples per optimizer step from this stream."""
+    loss_multiplier: float = 1.0
+    seq_len: int = 32
+    max_num_media: int = 1
+    resampled: bool = False
+    shuffle_buffer: int = 0
+
+
+@dataclass
+class MMC4Options:
+    """MMC4-only preprocessing rules (reference §4.1)."""
+
+    sim_threshold: float = 0.24
+    min_num_images: int = 1
+    matching: str = "one_to_one"
+    """"one_to_one" (Hungarian, the default) or "argmax" (what the released models used)."""
+    min_image_bytes: int = 11000
+    single_image_keep_prob: float = 0.5
+
+
+@dataclass
+class DataConfig:
+    """Training data: two streams, preprocessing, loaders."""
+
+    laion: StreamConfig = field(default_factory=lambda: StreamConfig(loss_multiplier=0.2))
+    mmc4: StreamConfig = field(
+        default_factory=lambda: StreamConfig(seq_len=256, max_num_media=6, loss_multiplier=1.0)
+    )
+    mmc4_options: MMC4Options = field(default_factory=MMC4Options)
+    image_size: Optional[int] = None
+    """Image side; None: the vision tower's."""
+    workers: int = 0
+    seed: int = 42
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.1
+    betas: tuple = (0.9, 0.999)
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    schedule: str = "constant"
+    """"constant", "linear" or "cosine", each with linear warmup."""
+    warmup_steps: int = 0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 10
+    output_dir: str = "runs/default"
+    precision: str = "fp32"
+    """"fp32" or "bf16"."""
+    seed: int = 42
+    max_skipped_steps_in_a_row: int = 10
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0
+    """Save every N steps; 0 = never."""
+    keep_last: int = 2
+    resume: Optional[str] = None
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 1
+    tensorboard: bool = True
+    wandb_project: Optional[str] = None
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check (and gently convert) `value` against the annotated type `tp`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], where)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return _build(tp, value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp in (dict, list):
+        if isinstance(value, tp):
+            return value
+    elif tp is tuple:
+        if isinstance(value, (list, tuple)):
+            return tuple(value)
+    else:
+        return value
+    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls: type, data: dict, where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown key '{where}.{key}'{hint}".replace("'.", "'"))
+        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}".lstrip("."))
+    return cls(**kwargs)
+
+
+def _parse_scalar(text: str) -> Any:
+    """An override value is read as YAML: 3e-4 -> float, true -> bool, [1,2] -> list, null -> None."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like section.key=value")
+    dotted, text = item.split("=", 1)
+    parts = dotted.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{part}' is not a section")
+    node[parts[-1]] = _parse_scalar(text)
+
+
+def config_from_dict(raw: dict, overrides: Sequence[str] = ()) -> Config:
+    """Build and validate a `Config` from a plain dict (as read from YAML) plus overrides."""
+    raw = yaml.safe_load(yaml.safe_dump(raw or {}))  # deep copy
+    for item in overrides:
+        _apply_override(raw, item)
+    cfg = _build(Config, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Config:
+    """Load a YAML config file, apply `key=value` overrides and validate.
+
+    Args:
+        path: YAML file whose top-level sections are those of `Config`.
+        overrides: dotted overrides such as `optim.lr=3e-4` or `parallel.tp=2`.
+    Returns:
+        The validated `Config`.
+    Raises:
+        ConfigError: missing file, bad YAML, unknown key, wrong type, or an invalid value.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return config_from_dict(raw or {}, overrides)
+
+
+def to_dict(cfg: Any) -> dict:
+    """The config as plain data (for writing `config.yaml` beside a run)."""
+    data = dataclasses.asdict(cfg)
+    return yaml.safe_load(yaml.safe_dump(data, sort_keys=False).replace("!!python/tuple", ""))
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+def _check_path(path: Optional[str], key: str) -> None:
+    if path is not None and not Path(path).exists():
+        raise ConfigError(f"{key}: path does not exist: {path}")
+
+
+def validate_model(m: ModelConfig) -> None:
+    """Check a model config: paths exist, sizes are consistent, choices are known."""
+    v, lm = m.vision, m.lm
+    _check(
+        (v.open_clip_model is None) != (v.open_clip_config is None),
+        "model.vision: set exactly one of open_clip_model or open_clip_config",
+    )
+    _check_path(v.weights, "model.vision.weights")
+    _check_path(lm.hf_path, "model.lm.hf_path")
+    _check_path(m.tokenizer, "model.tokenizer")
+    _check_path(m.openflamingo_checkpoint, "model.openflamingo_checkpoint")
+    _check(lm.family in ("llama", "mpt", "gpt_neox"),
+           f"model.lm.family: expected llama, mpt or gpt_neox, got '{lm.family}'")
+    if lm.hf_path is None:
+        _check(lm.hidden_size % lm.num_heads == 0,
+               f"model.lm: hidden_size {lm.hidden_size} is not divisible by num_heads {lm.num_heads}")
+        kv = lm.num_kv_heads or lm.num_heads
+        _check(lm.num_heads % kv == 0,
+               f"model.lm: num_heads {lm.num_heads} is not divisible by num_kv_heads {kv}")
+    _check(m.cross_attn_every_n_layers >= 1, "model.cross_attn_every_n_layers must be >= 1")
+    _check(m.kernels.xattn in ("auto", "triton", "reference"),
+           f"model.kernels.xattn: expected auto, triton or reference, got '{m.kernels.xattn}'")
+    for name in ("depth", "heads", "dim_head", "num_latents", "ff_mult"):
+        _check(getattr(m.perceiver, name) >= 1, f"model.perceiver.{name} must be >= 1")
+    for name in ("heads", "dim_head", "ff_mult"):
+        _check(getattr(m.xattn, name) >= 1, f"model.xattn.{name} must be >= 1")
+    if m.tokenizer is None and lm.hf_path is None:
+        for name in ("media_token_id", "eoc_token_id"):
+            _check(getattr(m, name) is not None,
+                   f"model.{name} must be set when model.tokenizer is not given")
+
+
+def validate(cfg: Config) -> None:
+    """Validate a whole config; raises ConfigError with one line on the first problem."""
+    validate_model(cfg.model)
+    p = cfg.parallel
+    _check(p.tp >= 1 and p.pp >= 1, "parallel.tp and parallel.pp must be >= 1")
+    _check(p.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage must be 0-3, got {p.zero_stage}")
+    _check(not (p.pp > 1 and p.zero_stage > 1),
+           f"parallel: pipeline parallelism (pp={p.pp}) supports ZeRO stage 0 or 1 only, "
+           f"got zero_stage={p.zero_stage}")
+    lm = cfg.model.lm
+    if lm.hf_path is None:
+        _check(lm.num_heads % p.tp == 0,
+               f"parallel.tp={p.tp} does not divide model.lm.num_heads={lm.num_heads}")
+        kv = lm.num_kv_heads or lm.num_heads
+        _check(kv % p.tp == 0, f"parallel.tp={p.tp} does not divide model.lm.num_kv_heads={kv}")
+        _check(lm.num_layers >= p.pp,
+               f"parallel.pp={p.pp} is more than model.lm.num_layers={lm.num_layers}")
+    _check(cfg.model.xattn.heads % p.tp == 0,
+           f"parallel.tp={p.tp} does not divide model.xattn.heads={cfg.model.xattn.heads}")
+    _check(cfg.optim.schedule in ("constant", "linear", "cosine"),
+           f"optim.schedule: expected constant, linear or cosine, got '{cfg.optim.schedule}'")
+    _check(cfg.train.precision in ("fp32", "bf16"),
+           f"train.precision: expected fp32 or bf16, got '{cfg.train.precision}'")
+    _check(cfg.data.mmc4_options.matching in ("one_to_one", "argmax"),
+           f"data.mmc4_options.matching: expected one_to_one or argmax, "
+           f"got '{cfg.data.mmc4_options.matching}'")
+    _check(cfg.train.steps >= 0, "train.steps must be >= 0")
+    _check(cfg.checkpoint.every >= 0, "checkpoint.every must be >= 0")
