@@ -1,0 +1,16 @@
+"""megaflamingo: OpenFlamingo-exact Flamingo models, trained 3D-parallel on DeepSpeed.
+
+Public surface (DESIGN.md section 9): `megaflamingo.config.load_config`, `megaflamingo.build_model`,
+`megaflamingo.Flamingo`, `megaflamingo.convert.openflamingo`.
+"""
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # Lazy, so `import megaflamingo.config` (CLI argument errors) does not pay for torch imports.
+    if name in ("build_model", "Flamingo"):
+        from megaflamingo.models import flamingo
+
+        return getattr(flamingo, name)
+    raise AttributeError(f"module 'megaflamingo' has no attribute '{name}'")

@@ -291,9 +291,15 @@ def _build(cls: type, data: dict, where: str) -> Any:
 def _parse_scalar(text: str) -> Any:
     """An override value is read as YAML: 3e-4 -> float, true -> bool, [1,2] -> list, null -> None."""
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    if isinstance(value, str):
+        try:  # YAML 1.1 reads "3e-4" (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    return value
 
 
 def _apply_override(raw: dict, item: str) -> None:

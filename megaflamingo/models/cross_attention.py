@@ -1,0 +1,64 @@
+"""The gated cross-attention block inserted before every n-th decoder layer.
+
+Shapes: B batch, T text tokens, M media, N latents per image, D LM width, Dv vision width,
+H heads, K head dim.
+
+    h = h + tanh(attn_gate) * to_out(MediaAttn(to_q(LN(h)), to_kv(media), text_time))
+    h = h + tanh(ff_gate)   * FF(h)
+
+Each token attends to the latents of the most recent image at or before it (text_time = cumsum of
+`<image>` tokens); tokens before the first image get exactly 0 from attention, and the gated FF
+still runs on them (reference §0.4). Both gates start at 0, so at init the block is the identity.
+The attention core is `megaflamingo.kernels.xattn.media_attention`: it reads only each token's own
+image (cost independent of M) and applies tanh(attn_gate) in its epilogue; by linearity
+tanh(g) * to_out(a) == to_out(tanh(g) * a), and the residual add happens in the out-projection.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from megaflamingo.config import XAttnConfig
+from megaflamingo.kernels.xattn import media_attention
+from megaflamingo.models.perceiver import FeedForward
+
+
+class GatedCrossAttentionBlock(nn.Module):
+    """Cross-attention from text to media latents, then a feed-forward, each behind a tanh gate.
+
+    Args:
+        dim: D, the LM width.
+        dim_visual: Dv, the media latents' width.
+        cfg: heads, dim_head, ff_mult.
+        impl: attention implementation, "auto" | "triton" | "reference" (config model.kernels.xattn).
+    """
+
+    def __init__(self, dim: int, dim_visual: int, cfg: XAttnConfig, impl: str = "auto") -> None:
+        super().__init__()
+        self.heads, self.dim_head, self.impl = cfg.heads, cfg.dim_head, impl
+        inner = cfg.heads * cfg.dim_head
+        self.norm = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim_visual, 2 * inner, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+        # Shape (1,), not 0-dim: DeepSpeed's parameter broadcast cannot view a 0-dim tensor.
+        self.attn_gate = nn.Parameter(torch.zeros(1))
+        self.ff = FeedForward(dim, cfg.ff_mult)
+        self.ff_gate = nn.Parameter(torch.zeros(1))
+
+    def forward(self, h: torch.Tensor, media: torch.Tensor, text_time: torch.Tensor) -> torch.Tensor:
+        """Args:
+            h: (B, T, D) hidden states entering the decoder layer.
+            media: (B, M, N, Dv) Perceiver latents of every image.
+            text_time: (B, T) long, media index per token (0 = before the first image).
+        Returns:
+            (B, T, D).
+        """
+        H, K = self.heads, self.dim_head
+        q = self.to_q(self.norm(h)).unflatten(-1, (H, K)).transpose(1, 2)  # (B, H, T, K)
+        k, v = self.to_kv(media).unflatten(-1, (2, H, K)).unbind(dim=3)  # 2 x (B, M, N, H, K)
+        k, v = k.transpose(2, 3), v.transpose(2, 3)  # (B, M, H, N, K)
+        attn = media_attention(q, k, v, text_time, gate=self.attn_gate, impl=self.impl)  # (B, H, T, K)
+        h = h + self.to_out(attn.transpose(1, 2).flatten(-2))
+        return h + torch.tanh(self.ff_gate) * self.ff(h)

@@ -1,0 +1,139 @@
+"""The Flamingo model: frozen vision tower -> Perceiver -> gated cross-attention in a frozen LM.
+
+Shapes: B batch, M media per sample, F frames (= 1), C channels, S image side, P patch tokens,
+N latents, T text tokens, D LM width, Dv vision width, V vocabulary.
+
+    Flamingo(vision_x (B, M, F, C, S, S), input_ids (B, T), attention_mask (B, T)) -> logits (B, T, V)
+
+A cross-attention block sits before decoder layer i iff (i + 1) % cross_attn_every_n_layers == 0.
+Media are an explicit forward argument: nothing is stored on modules between calls. What trains is
+fixed here, at construction: the Perceiver, every cross-attention block, and the added token rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn as nn
+
+from megaflamingo.config import ModelConfig
+from megaflamingo.models.cross_attention import GatedCrossAttentionBlock
+from megaflamingo.models.decoder import DecoderLM, build_decoder
+from megaflamingo.models.perceiver import PerceiverResampler
+from megaflamingo.models.vision import VisionEncoder
+
+
+def xattn_layer_indices(num_layers: int, every_n: int) -> list[int]:
+    """Decoder layers that get a cross-attention block in front of them (reference §0.3)."""
+    return [i for i in range(num_layers) if (i + 1) % every_n == 0]
+
+
+class Flamingo(nn.Module):
+    """A Flamingo vision-language model (single process, parallelism-free).
+
+    Args:
+        vision: the frozen vision tower.
+        lm: the decoder LM, already resized to the tokenizer's vocabulary.
+        cfg: the resolved model config (token ids filled in).
+    """
+
+    def __init__(self, vision: VisionEncoder, lm: DecoderLM, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.media_token_id = cfg.media_token_id
+        self.vision = vision
+        self.perceiver = PerceiverResampler(vision.width, cfg.perceiver)
+        self.lm = lm
+        dim = lm.embed_tokens.dim
+        self.xattn = nn.ModuleDict(
+            {
+                str(i): GatedCrossAttentionBlock(dim, vision.width, cfg.xattn, impl=cfg.kernels.xattn)
+                for i in xattn_layer_indices(len(lm.layers), cfg.cross_attn_every_n_layers)
+            }
+        )
+        self._freeze()
+
+    def _freeze(self) -> None:
+        self.vision.requires_grad_(False)
+        self.lm.requires_grad_(False)
+        if self.lm.embed_tokens.added is not None:
+            self.lm.embed_tokens.added.requires_grad_(True)
+
+    def encode_media(self, vision_x: torch.Tensor) -> torch.Tensor:
+        """Args: vision_x (B, M, F, C, S, S) with F == 1. Returns: latents (B, M, N, Dv)."""
+        if vision_x.dim() != 6 or vision_x.shape[2] != 1:
+            raise ValueError(f"vision_x must be (B, M, 1, C, S, S), got {tuple(vision_x.shape)}")
+        B, M = vision_x.shape[:2]
+        tokens = self.vision(vision_x.flatten(0, 2))  # (B*M, P, Dv)
+        return self.perceiver(tokens.unflatten(0, (B, M)))
+
+    def text_time(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) media index per token: how many `<image>` tokens are at or before it."""
+        return (input_ids == self.media_token_id).cumsum(dim=-1)
+
+    def forward(
+        self,
+        vision_x: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Args:
+            vision_x: (B, M, 1, C, S, S) images, zero-padded to M per sample.
+            input_ids: (B, T) token ids with `<image>` where each image sits.
+            attention_mask: (B, T) 1 for real tokens, 0 for padding; None means all real.
+        Returns:
+            logits (B, T, V).
+        """
+        media = self.encode_media(vision_x)  # (B, M, N, Dv)
+        text_time = self.text_time(input_ids)  # (B, T)
+        h = self.lm.embed(input_ids)  # (B, T, D)
+        ctx = self.lm.attention_context(attention_mask, input_ids.shape[1], h.device, h.dtype)
+        for i, layer in enumerate(self.lm.layers):
+            block = self.xattn[str(i)] if str(i) in self.xattn else None
+            if block is not None:
+                h = block(h, media, text_time)
+            h = layer(h, ctx)
+        return self.lm.logits(h)
+
+
+def resolve_token_ids(cfg: ModelConfig) -> ModelConfig:
+    """Fill vocab_size and the Flamingo token ids from the tokenizer where the config leaves them None."""
+    if cfg.tokenizer is None:
+        return dataclasses.replace(cfg, vocab_size=cfg.vocab_size or cfg.lm.vocab_size)
+    from megaflamingo.data.tokenizer import load_tokenizer
+
+    _, ids = load_tokenizer(cfg.tokenizer)
+    pick = lambda mine, theirs: theirs if mine is None else mine  # noqa: E731
+    return dataclasses.replace(
+        cfg,
+        vocab_size=pick(cfg.vocab_size, ids.vocab_size),
+        media_token_id=pick(cfg.media_token_id, ids.media_token_id),
+        eoc_token_id=pick(cfg.eoc_token_id, ids.eoc_token_id),
+        pad_token_id=pick(cfg.pad_token_id, ids.pad_token_id),
+    )
+
+
+def build_model(cfg: ModelConfig) -> Flamingo:
+    """Build a Flamingo model from its config (random init unless weight paths are given).
+
+    Args:
+        cfg: the model section of the config tree.
+    Returns:
+        The model in fp32, with its trainable set fixed (Perceiver, cross-attention, added rows).
+    Raises:
+        ValueError: a weight file or checkpoint does not match the config.
+    """
+    from megaflamingo.models.hf_weights import load_hf_lm
+
+    cfg = resolve_token_ids(cfg)
+    trainable_ids = () if cfg.freeze_lm_embeddings else (cfg.media_token_id, cfg.eoc_token_id)
+    if cfg.lm.hf_path is not None:
+        lm = load_hf_lm(cfg.lm.hf_path, vocab_size=cfg.vocab_size, trainable_ids=trainable_ids)
+    else:
+        lm = build_decoder(cfg.lm, vocab_size=cfg.vocab_size, trainable_ids=trainable_ids)
+    model = Flamingo(VisionEncoder(cfg.vision), lm, cfg)
+    if cfg.openflamingo_checkpoint is not None:
+        from megaflamingo.convert.openflamingo import load_openflamingo_checkpoint
+
+        load_openflamingo_checkpoint(model, cfg.openflamingo_checkpoint)
+    return model

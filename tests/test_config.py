@@ -1,0 +1,73 @@
+"""The config tree: YAML loading, dotted overrides, and one-line ConfigErrors."""
+
+from __future__ import annotations
+
+import pytest
+
+from megaflamingo.config import Config, ConfigError, config_from_dict, load_config, to_dict
+
+BASE = {"model": {"vision": {"open_clip_config": {"embed_dim": 8, "vision_cfg": {}}},
+                  "media_token_id": 1, "eoc_token_id": 2}}
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = write(tmp_path, "model:\n  vision: {open_clip_model: ViT-L-14}\n  lm: {num_layers: 4}\n"
+                           "  media_token_id: 1\n  eoc_token_id: 2\noptim: {lr: 1.0e-3}\n")
+    cfg = load_config(path, ["optim.lr=3e-4", "parallel.tp=2", "model.lm.rope_scaling={type: linear, factor: 2}",
+                             "train.output_dir=out/x", "parallel.pipeline_partition=[0, 2]"])
+    assert isinstance(cfg, Config)
+    assert cfg.optim.lr == 3e-4 and cfg.parallel.tp == 2 and cfg.model.lm.num_layers == 4
+    assert cfg.model.lm.rope_scaling == {"type": "linear", "factor": 2}
+    assert cfg.train.output_dir == "out/x" and cfg.parallel.pipeline_partition == [0, 2]
+    assert cfg.optim.betas == (0.9, 0.999)
+    assert to_dict(cfg)["optim"]["lr"] == 3e-4
+
+
+def test_int_is_accepted_for_float():
+    assert config_from_dict(BASE, ["optim.lr=1"]).optim.lr == 1.0
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["optim.lrr=1"], "unknown key 'optim.lrr' (did you mean 'lr'?)"),
+        (["modle.tokenizer=x"], "unknown key 'modle' (did you mean 'model'?)"),
+        (["train.steps=many"], "train.steps: expected int, got 'many'"),
+        (["parallel.tp=true"], "parallel.tp: expected int, got True"),
+        (["model.tokenizer=/no/such/dir"], "model.tokenizer: path does not exist: /no/such/dir"),
+        (["model.lm.num_heads=3"], "model.lm: hidden_size 64 is not divisible by num_heads 3"),
+        (["parallel.tp=8"], "parallel.tp=8 does not divide model.lm.num_heads=4"),
+        (["model.lm.num_kv_heads=2", "parallel.tp=4"], "parallel.tp=4 does not divide model.lm.num_kv_heads=2"),
+        (["parallel.pp=2", "parallel.zero_stage=3"], "supports ZeRO stage 0 or 1 only"),
+        (["parallel.pp=3"], "parallel.pp=3 is more than model.lm.num_layers=2"),
+        (["model.lm.family=gpt2"], "model.lm.family: expected llama, mpt or gpt_neox, got 'gpt2'"),
+        (["model.kernels.xattn=cuda"], "model.kernels.xattn: expected auto, triton or reference"),
+        (["optim.schedule=step"], "optim.schedule: expected constant, linear or cosine"),
+        (["tp=2"], "unknown key 'tp'"),
+        (["parallel.tp"], "override 'parallel.tp' must look like section.key=value"),
+    ],
+)
+def test_user_errors_are_one_line_config_errors(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(BASE, overrides)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "model: [unclosed\n"))
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(write(tmp_path, "- a\n- b\n"))
+    with pytest.raises(ConfigError, match="set exactly one of open_clip_model or open_clip_config"):
+        config_from_dict({"model": {"media_token_id": 1, "eoc_token_id": 2}})
+    with pytest.raises(ConfigError, match="model.media_token_id must be set"):
+        config_from_dict({"model": {"vision": {"open_clip_model": "ViT-L-14"}}})
