@@ -71,3 +71,29 @@ def test_file_errors(tmp_path):
         config_from_dict({"model": {"media_token_id": 1, "eoc_token_id": 2}})
     with pytest.raises(ConfigError, match="model.media_token_id must be set"):
         config_from_dict({"model": {"vision": {"open_clip_model": "ViT-L-14"}}})
+
+
+CONFIGS = __import__("pathlib").Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_tiny_config_loads():
+    cfg = load_config(CONFIGS / "tiny.yaml")
+    assert cfg.model.lm.num_layers == 4 and cfg.model.cross_attn_every_n_layers == 2
+
+
+@pytest.mark.parametrize("name,every_n", [("openflamingo-3b", 1), ("openflamingo-4b", 2), ("openflamingo-9b", 4)])
+def test_released_recipes_load_once_their_weights_exist(tmp_path, monkeypatch, name, every_n):
+    import yaml
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="path does not exist"):
+        load_config(CONFIGS / f"{name}.yaml")
+    raw = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())["model"]
+    (tmp_path / raw["vision"]["weights"]).parent.mkdir(parents=True)
+    (tmp_path / raw["vision"]["weights"]).touch()
+    (tmp_path / raw["lm"]["hf_path"]).mkdir(parents=True)
+    (tmp_path / raw["tokenizer"]).mkdir(parents=True)
+    cfg = load_config(CONFIGS / f"{name}.yaml")
+    assert cfg.model.cross_attn_every_n_layers == every_n
+    assert cfg.model.vision.open_clip_model == "ViT-L-14-quickgelu"
+    assert cfg.data.laion.loss_multiplier == 0.2 and cfg.data.mmc4_options.sim_threshold == 0.24
