@@ -1,0 +1,81 @@
+"""Checkpoint directories: atomic commit, keep-last-K, and finding what to resume from.
+
+Layout under `<output_dir>/checkpoints/`:
+
+    step_00000040/      a complete checkpoint (DeepSpeed's files + one `extra_rank<r>.pt` per rank)
+    .staging_00000050/  a save in progress; never read; removed by the next commit
+    latest              the name of the newest complete checkpoint (written by rename: atomic)
+
+Every rank writes into the staging directory; after a barrier rank 0 renames it to its final name
+and rewrites `latest`. A process killed mid-save therefore leaves only a staging directory, and
+`latest` keeps pointing at the last good checkpoint. Assumes a filesystem shared by all nodes (as
+DeepSpeed's own checkpointing does).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Optional
+
+_FINAL = re.compile(r"^step_(\d{8})$")
+
+
+def final_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def staging_name(step: int) -> str:
+    return f".staging_{step:08d}"
+
+
+def complete_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of every complete checkpoint under `root`, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m[1]), p) for p in root.iterdir() if p.is_dir() and (m := _FINAL.match(p.name))]
+    return sorted(found)
+
+
+def latest_checkpoint(root: str | Path) -> Optional[Path]:
+    """The checkpoint `latest` names, else the newest complete one, else None."""
+    root = Path(root)
+    pointer = root / "latest"
+    if pointer.is_file():
+        candidate = root / pointer.read_text().strip()
+        if _FINAL.match(candidate.name) and candidate.is_dir():
+            return candidate
+    done = complete_checkpoints(root)
+    return done[-1][1] if done else None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def commit_checkpoint(root: str | Path, step: int, keep_last: int) -> Path:
+    """Rank 0, after every rank finished writing the staging dir: make it the latest checkpoint.
+
+    Args:
+        root: the checkpoints directory.
+        step: the step that was saved.
+        keep_last: how many complete checkpoints to keep (>= 1); older ones are deleted.
+    Returns:
+        The final checkpoint directory.
+    """
+    root = Path(root)
+    staging, final = root / staging_name(step), root / final_name(step)
+    if final.exists():  # re-saving a step (e.g. a SIGTERM save right after a periodic one)
+        shutil.rmtree(final)
+    os.replace(staging, final)
+    _write_atomic(root / "latest", final.name)
+    for _, old in complete_checkpoints(root)[: -max(1, keep_last)]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".staging_*"):  # left by a save that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
