@@ -53,6 +53,8 @@ class LMConfig:
     num_heads: int = 4
     num_kv_heads: Optional[int] = None
     """GQA key/value heads (LLaMA); None means num_heads."""
+    head_dim: Optional[int] = None
+    """Per-head width (LLaMA may set it); None means hidden_size // num_heads."""
     intermediate_size: Optional[int] = None
     """MLP width; None means 4 * hidden_size (MPT: expansion_ratio * hidden_size)."""
     norm_eps: float = 1e-5
@@ -70,8 +72,11 @@ class LMConfig:
     qkv_clip: Optional[float] = None
     """MPT clip_qkv."""
     mlp_bias: bool = False
+    """MLP linears carry biases (GPT-NeoX: always; LLaMA: mlp_bias; MPT: never)."""
     attention_bias: bool = False
+    """q/k/v/o linears carry biases (GPT-NeoX: attention_bias; LLaMA: attention_bias; MPT: never)."""
     hidden_act: str = "silu"
+    """MLP activation, transformers' name (silu, gelu, gelu_new, ...). MPT always uses exact GELU."""
 
 
 @dataclass
