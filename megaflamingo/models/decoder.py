@@ -16,6 +16,8 @@ The logits equal transformers' `LlamaForCausalLM`, `MptForCausalLM` and `GPTNeoX
 - positions are 0..T-1 for every row, padded or not, as transformers' forward does;
 - MPT's MLP width comes from the checkpoint (transformers builds 4 * D whatever expansion_ratio);
 - RMSNorm normalises in fp32 and multiplies by the weight after casting back.
+Not matched on purpose: ALiBi uses the config's alibi_bias_max, as MPT's own code does, while
+transformers' MptModel always uses 8 (the value every released MPT has).
 Every layer is a pure function of (h, ctx): the Flamingo wrapper interleaves its cross-attention
 between `embed`, the layers and `logits`, and pipeline stages rebuild `ctx` from the mask.
 """
