@@ -32,6 +32,36 @@ def _runs(text_time_row: list[int]) -> list[tuple[int, int, int]]:
     return runs
 
 
+def _attend_runs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: list[tuple[int, int, int]]) -> torch.Tensor:
+    """Media attention for tokens that share one run layout.
+
+    Args:
+        q: (*, H, T, K) queries; every leading index shares `runs`.
+        k: (*, M, H, N, K) keys.
+        v: (*, M, H, N, K) values.
+        runs: (start, end, media index) runs covering [0, T), from `_runs`.
+    Returns:
+        (*, H, T, K).
+    """
+    M = k.shape[-4]
+    if not runs:
+        return torch.zeros_like(q)
+    # split / unbind rather than slicing in a loop: their backward is one cat / stack, not one
+    # full-size zero gradient per run
+    q_runs = q.split([end - start for start, end, _ in runs], dim=-2)  # each (*, H, L, K)
+    k_imgs, v_imgs = k.unbind(-4), v.unbind(-4)  # M x (*, H, N, K)
+    pieces = []
+    for q_run, (_, _, m) in zip(q_runs, runs):
+        if m == 0:
+            pieces.append(torch.zeros_like(q_run))
+        elif m <= M:
+            pieces.append(F.scaled_dot_product_attention(q_run, k_imgs[m - 1], v_imgs[m - 1]))
+        else:  # all keys masked: uniform attention over every latent of every image
+            mean_v = v.mean(dim=(-4, -2))  # (*, H, K)
+            pieces.append(mean_v.unsqueeze(-2).expand_as(q_run))
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-2)
+
+
 def media_attention_gather(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_time: torch.Tensor
 ) -> torch.Tensor:
@@ -45,22 +75,10 @@ def media_attention_gather(
     Returns:
         (B, H, T, K) attention output; rows with text_time == 0 are exactly zero.
     """
-    B, H, T, K = q.shape
-    M = k.shape[1]
-    rows = []
-    for b, tt_row in enumerate(text_time.tolist()):
-        pieces = []
-        for start, end, m in _runs(tt_row):
-            q_run = q[b : b + 1, :, start:end]  # (1, H, L, K)
-            if m == 0:
-                pieces.append(torch.zeros_like(q_run))
-            elif m <= M:
-                pieces.append(F.scaled_dot_product_attention(q_run, k[b : b + 1, m - 1], v[b : b + 1, m - 1]))
-            else:  # all keys masked: uniform attention over every latent of every image
-                mean_v = v[b].mean(dim=(0, 2))  # (H, K)
-                pieces.append(mean_v[None, :, None, :].expand(1, H, end - start, K))
-        rows.append(torch.cat(pieces, dim=2))
-    return torch.cat(rows, dim=0)
+    rows = text_time.tolist()
+    if all(row == rows[0] for row in rows):  # one layout for the whole batch (e.g. one image, first)
+        return _attend_runs(q, k, v, _runs(rows[0]))
+    return torch.stack([_attend_runs(q[b], k[b], v[b], _runs(row)) for b, row in enumerate(rows)])
 
 
 def media_attention_dense(
