@@ -7,7 +7,7 @@ PYTHON  := $(VENV)/bin/python
 STAMP   := $(VENV)/.megaflamingo-setup
 PINS    := torch==2.14.1 torchvision==0.29.1 deepspeed==0.19.8 transformers==5.24.0 \
            open_clip_torch==3.3.0 webdataset==1.0.2 triton==3.8.0 pyyaml safetensors \
-           tokenizers scipy pytest einops einops-exts
+           tokenizers scipy pytest einops einops-exts easy-vqa==1.0
 # The reference implementation for parity tests: installed without its (2023) pins.
 REFERENCE := open-flamingo==2.0.1
 

@@ -156,11 +156,16 @@ class StreamConfig:
     """Brace-expandable shard path(s), e.g. "data/laion/{000..099}.tar". None: stream off."""
     batch_size: int = 8
     """Global samples per optimizer step from this stream."""
+    micro_batch_size: Optional[int] = None
+    """Samples per micro-batch on one DP rank; None: the rank's whole share (batch_size / dp).
+    Micro-batches per step from this stream = batch_size / (dp * micro_batch_size)."""
     loss_multiplier: float = 1.0
     seq_len: int = 32
     max_num_media: int = 1
     resampled: bool = False
+    """Draw shards with replacement per reader and epoch (OpenFlamingo --dataset_resampled)."""
     shuffle_buffer: int = 0
+    """Shuffle samples inside each shard in blocks of this many (0 or 1: file order)."""
 
 
 @dataclass
@@ -172,6 +177,8 @@ class MMC4Options:
     matching: str = "one_to_one"
     """"one_to_one" (Hungarian, the default) or "argmax" (what the released models used)."""
     min_image_bytes: int = 11000
+    """Images with fewer encoded bytes are dropped (the reference's `len // 1000 <= 10`).
+    easy-vqa's 64x64 images are ~1 KB: use 0 for shards written by prepare_data.py easy-vqa."""
     single_image_keep_prob: float = 0.5
 
 

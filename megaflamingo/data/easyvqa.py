@@ -1,0 +1,191 @@
+"""easy-vqa (PyPI, MIT: 64x64 shape drawings with questions) as offline training and eval data.
+
+`write_easy_vqa(out_dir)` writes, from the installed package and nothing else:
+
+- `laion/NNNNN.tar`: img2dataset-style pairs (`{key}.jpg`, `{key}.txt`, `{key}.json`), one per
+  train image that has a caption. Captions are derived from the image's questions and answers
+  ("what color is the circle?" -> "blue" gives "a blue circle"; negated yes/no questions count).
+- `mmc4/NNNNN.tar`: OpenFlamingo-format interleaved documents (`{key}.json` with text_list,
+  similarity_matrix, image_info[*].image_base64). A document takes 1-7 consecutive train images,
+  one describing sentence per image (a few left out, so some images have no good match) plus
+  question/answer sentences, shuffled. The similarity of image i and sentence j is a synthetic
+  CLIP-like score: 0.16, +0.07 if the sentence names the image's colour, +0.07 for its shape,
+  +0.08 if it is the image's own description, + uniform(0, 0.02) jitter. The 0.24 threshold sits
+  inside the one-attribute band (0.23-0.25), so some of those matches pass and some do not;
+  sentences naming both attributes always pass, and argmax can put two images on one sentence.
+  Images are JPEG re-encodes (as OpenFlamingo's converter does) at the native 64x64, about 1 KB:
+  OpenFlamingo's 11,000-byte floor would drop every one, so train on these shards with
+  `data.mmc4_options.min_image_bytes=0` (dataset.json repeats this).
+- `vqa/test.jsonl` + `vqa/images/`: the test split as a VQA eval set, one JSON line per question
+  {question_id, image (relative to the jsonl), question, answers (the answer x10, VQA style)}.
+- `dataset.json`: counts, shard patterns and the recommended overrides.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import random
+import shutil
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterator, Optional
+
+from PIL import Image
+
+from megaflamingo.data.shards import write_shards
+
+SHAPES = ("circle", "rectangle", "triangle")
+COLORS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
+DESCRIBE = ("This picture shows {}.", "Here we see {}.", "The drawing is {}.", "Look at {}.")
+
+
+def _words(text: str) -> list[str]:
+    return text.lower().replace("?", " ").replace(".", " ").split()
+
+
+def attributes(qas: list[tuple[str, str]]) -> tuple[Optional[str], Optional[str]]:
+    """(colour, shape) of an image, read off its (question, answer) pairs (None if unknown)."""
+    color = shape = None
+    for question, answer in qas:
+        words = _words(question)
+        named_color = next((w for w in words if w in COLORS), None)
+        named_shape = next((w for w in words if w in SHAPES), None)
+        if answer in SHAPES:
+            shape, color = answer, color or named_color
+        elif answer in COLORS:
+            color, shape = answer, shape or named_shape
+        elif answer in ("yes", "no"):
+            negated = "not" in words or "no" in words
+            if (answer == "yes") != negated:
+                color, shape = color or named_color, shape or named_shape
+    return color, shape
+
+
+def caption(color: Optional[str], shape: Optional[str]) -> Optional[str]:
+    """"a blue circle" / "a blue shape" / "a circle"; None when nothing is known."""
+    if color and shape:
+        return f"a {color} {shape}"
+    if color or shape:
+        return f"a {color} shape" if color else f"a {shape}"
+    return None
+
+
+def load_split(split: str) -> tuple[dict[int, str], dict[int, list[tuple[str, str]]]]:
+    """(image id -> png path, image id -> [(question, answer)]) of the installed easy-vqa split."""
+    import easy_vqa
+
+    if split == "train":
+        paths, (questions, answers, ids) = easy_vqa.get_train_image_paths(), easy_vqa.get_train_questions()
+    else:
+        paths, (questions, answers, ids) = easy_vqa.get_test_image_paths(), easy_vqa.get_test_questions()
+    qas: dict[int, list] = defaultdict(list)
+    for question, answer, image_id in zip(questions, answers, ids):
+        qas[image_id].append((question, answer))
+    return paths, qas
+
+
+def jpeg_bytes(path: str, quality: int = 95) -> bytes:
+    """The image at `path` re-encoded as RGB JPEG."""
+    out = io.BytesIO()
+    Image.open(path).convert("RGB").save(out, format="JPEG", quality=quality)
+    return out.getvalue()
+
+
+def laion_samples(images: list[tuple[int, str, str]]) -> Iterator[dict]:
+    """img2dataset-style samples from (image id, png path, caption)."""
+    for n, (image_id, path, text) in enumerate(images):
+        key = f"{n:09d}"
+        meta = {"key": key, "caption": text, "status": "success", "easy_vqa_id": image_id,
+                "width": 64, "height": 64}
+        yield {"__key__": key, "jpg": jpeg_bytes(path), "txt": text, "json": meta}
+
+
+def document(images: list[tuple[int, str, tuple]], qas: dict, rng: random.Random) -> dict:
+    """One MMC4-format document from (image id, path, (colour, shape)) triples."""
+    sentences, owners = [], []
+    for k, (image_id, _, attrs) in enumerate(images):
+        if rng.random() < 0.8:
+            sentences.append(rng.choice(DESCRIBE).format(caption(*attrs)))
+            owners.append(k)
+        for question, answer in rng.sample(qas[image_id], min(1, len(qas[image_id]))):
+            sentences.append(f"{question[0].upper()}{question[1:]} {answer.capitalize()}.")
+            owners.append(-1)
+    order = list(range(len(sentences)))
+    rng.shuffle(order)
+    sentences, owners = [sentences[i] for i in order], [owners[i] for i in order]
+    sim = [[_similarity(attrs, s, owner == k, rng) for s, owner in zip(sentences, owners)]
+           for k, (_, _, attrs) in enumerate(images)]
+    infos = [{"image_name": f"{image_id}.jpg", "matched_text_index": max(range(len(row)), key=row.__getitem__),
+              "image_base64": base64.b64encode(jpeg_bytes(path)).decode()}
+             for (image_id, path, _), row in zip(images, sim)]
+    return {"text_list": sentences, "similarity_matrix": sim, "image_info": infos}
+
+
+def _similarity(attrs: tuple, sentence: str, own: bool, rng: random.Random) -> float:
+    words = _words(sentence)
+    color, shape = attrs
+    score = 0.16 + 0.07 * (color in words) + 0.07 * (shape in words) + 0.08 * own
+    return round(score + rng.uniform(0, 0.02), 4)
+
+
+def mmc4_samples(images: list[tuple[int, str, tuple]], qas: dict, seed: int) -> Iterator[dict]:
+    """Documents of 1-7 consecutive images each."""
+    rng = random.Random(seed)
+    start, n = 0, 0
+    while start < len(images):
+        size = rng.randint(1, 7)
+        doc = document(images[start : start + size], qas, rng)
+        yield {"__key__": f"{n:09d}", "json": doc}
+        start, n = start + size, n + 1
+
+
+def write_vqa(out_dir: Path, limit: Optional[int]) -> int:
+    """The test split as vqa/test.jsonl + vqa/images/; returns the number of questions."""
+    paths, qas = load_split("test")
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    count = 0
+    with open(out_dir / "test.jsonl", "w") as f:
+        for image_id in sorted(paths)[:limit]:
+            shutil.copyfile(paths[image_id], out_dir / "images" / f"{image_id}.png")
+            for question, answer in qas[image_id]:
+                row = {"question_id": count, "image": f"images/{image_id}.png",
+                       "question": question, "answers": [answer] * 10}
+                f.write(json.dumps(row) + "\n")
+                count += 1
+    return count
+
+
+def write_easy_vqa(out_dir: str | Path, limit: Optional[int] = None, shard_size: int = 100,
+                   seed: int = 0) -> dict:
+    """Write LAION-style, MMC4-style and VQA-eval data from the installed easy-vqa package.
+
+    Args:
+        out_dir: output directory (created).
+        limit: use at most this many train images and test images (None: all).
+        shard_size: samples (pairs or documents) per tar shard.
+        seed: document composition and similarity jitter.
+    Returns:
+        The summary also written to out_dir/dataset.json.
+    """
+    out = Path(out_dir)
+    for sub in ("laion", "mmc4"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    paths, qas = load_split("train")
+    described = [(i, paths[i], attributes(qas[i])) for i in sorted(paths)[:limit]]
+    captioned = [(i, p, caption(*a)) for i, p, a in described if caption(*a)]
+    laion = write_shards(laion_samples(captioned), str(out / "laion" / "%05d.tar"), shard_size)
+    known = [(i, p, a) for i, p, a in described if caption(*a)]
+    mmc4 = write_shards(mmc4_samples(known, qas, seed), str(out / "mmc4" / "%05d.tar"), shard_size)
+    questions = write_vqa(out / "vqa", limit)
+    summary = {
+        "source": "easy-vqa (PyPI)", "laion_pairs": len(captioned),
+        "laion_shards": f"laion/{{00000..{len(laion) - 1:05d}}}.tar",
+        "mmc4_shards": f"mmc4/{{00000..{len(mmc4) - 1:05d}}}.tar",
+        "uncaptioned_images": len(described) - len(captioned),
+        "vqa_questions": questions, "vqa": "vqa/test.jsonl",
+        "recommended_overrides": ["data.mmc4_options.min_image_bytes=0"],
+    }
+    (out / "dataset.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

@@ -1,0 +1,150 @@
+"""Image decoding and the open_clip evaluation transform shared by both training streams.
+
+OpenFlamingo preprocesses every training image with open_clip's *validation* transform (resize the
+short side, bicubic; centre crop; to tensor; normalise with the CLIP mean/std), then flips it
+horizontally with probability 0.5 (reference §4.1). `ImageTransform` builds that transform with
+`open_clip.image_transform` itself and runs it in two stages:
+
+- the PIL stage (resize, crop) per image, exactly as open_clip composes it;
+- the tensor stage (uint8 -> float, /255, -mean, /std) through a per-channel lookup table of 256
+  values, written straight into the batch tensor. Each table entry is computed with the same
+  float32 operations as torchvision's ToTensor + Normalize, so every output element is bitwise
+  identical to the open_clip transform, at about a third of the cost.
+
+A flip is applied to the uint8 planes before the lookup, which equals flipping the normalised
+tensor afterwards (what the reference does).
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from megaflamingo.config import Config
+from megaflamingo.data.batching import SkipSample
+
+
+def decode_image(raw: bytes) -> Image.Image:
+    """Decode encoded image bytes (JPEG, PNG, ...) into an RGB PIL image.
+
+    Args:
+        raw: the encoded file.
+    Returns:
+        The fully loaded RGB image.
+    Raises:
+        SkipSample("bad_image"): the bytes are not a decodable image (corrupt or truncated).
+    """
+    try:
+        with Image.open(io.BytesIO(raw)) as image:
+            image.load()
+            return image.convert("RGB")
+    except Exception as err:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
+        raise SkipSample("bad_image") from err
+
+
+def _open_clip_transform(image_size, preprocess: dict):
+    import open_clip
+
+    return open_clip.image_transform(
+        image_size,
+        is_train=False,
+        mean=preprocess.get("mean"),
+        std=preprocess.get("std"),
+        resize_mode=preprocess.get("resize_mode"),
+        interpolation=preprocess.get("interpolation"),
+    )
+
+
+def _normalize_lut(mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """(3, 256) float32: the ToTensor + Normalize value of each uint8 level, per channel."""
+    levels = torch.arange(256, dtype=torch.uint8).to(torch.float32).div(255)  # as ToTensor
+    mean_t = torch.as_tensor(mean, dtype=torch.float32).view(-1, 1)
+    std_t = torch.as_tensor(std, dtype=torch.float32).view(-1, 1)
+    return levels.view(1, -1).repeat(3, 1).sub_(mean_t).div_(std_t).numpy()  # as Normalize
+
+
+class ImageTransform:
+    """open_clip's validation transform, applied as a PIL stage plus a lookup-table tensor stage.
+
+    Args:
+        image_size: output side (int) or (H, W).
+        preprocess: optional open_clip preprocess settings (mean, std, resize_mode, interpolation);
+            missing entries take open_clip's defaults (the OpenAI CLIP mean/std, bicubic, shortest).
+    """
+
+    def __init__(self, image_size, preprocess: Optional[dict] = None) -> None:
+        import open_clip.transform as oct
+
+        self.compose = _open_clip_transform(image_size, preprocess or {})
+        stages = list(self.compose.transforms)
+        kinds = [type(s) for s in stages[-3:]]
+        if kinds != [oct.MaybeConvertMode, oct.MaybeToTensor, oct.Normalize]:
+            raise ValueError(f"unexpected open_clip transform layout: {self.compose}")
+        self.pil_stages = stages[:-3]
+        self.lut = _normalize_lut(stages[-1].mean, stages[-1].std)
+        side = image_size if isinstance(image_size, (tuple, list)) else (image_size, image_size)
+        self.size = (int(side[0]), int(side[1]))
+
+    def pil_stage(self, image: Image.Image) -> Image.Image:
+        """Resize and crop as open_clip does; returns an RGB image of exactly `self.size`."""
+        for stage in self.pil_stages:
+            image = stage(image)
+        return image if image.mode == "RGB" else image.convert("RGB")
+
+    def write(self, image: Image.Image, out: torch.Tensor, flip: bool = False) -> None:
+        """Transform one image into `out` (3, H, W) float32, in place.
+
+        Args:
+            image: a decoded PIL image.
+            out: a contiguous float32 view to fill, shape (3, H, W).
+            flip: mirror left-right.
+        """
+        pixels = np.asarray(self.pil_stage(image))  # (H, W, 3) uint8
+        planes = pixels.transpose(2, 0, 1)  # (3, H, W)
+        if flip:
+            planes = planes[:, :, ::-1]
+        planes = np.ascontiguousarray(planes)
+        target = out.numpy()
+        for c in range(3):
+            np.take(self.lut[c], planes[c], out=target[c])
+
+    def __call__(self, image: Image.Image, flip: bool = False) -> torch.Tensor:
+        """One image -> (3, H, W) float32 tensor."""
+        out = torch.empty(3, *self.size, dtype=torch.float32)
+        self.write(image, out, flip)
+        return out
+
+
+def vision_image_size(cfg: Config) -> tuple[object, dict]:
+    """The image side and open_clip preprocess settings the data must use for this config.
+
+    Args:
+        cfg: the run config; `data.image_size` wins, else the vision tower's `vision_cfg.image_size`.
+    Returns:
+        (image_size, preprocess dict from the tower's open_clip config, possibly empty).
+    Raises:
+        ValueError: no image size can be determined.
+    """
+    vision = cfg.model.vision
+    model_cfg: dict = {}
+    if vision.open_clip_config is not None:
+        model_cfg = vision.open_clip_config
+    elif vision.open_clip_model is not None:
+        import open_clip
+
+        model_cfg = open_clip.get_model_config(vision.open_clip_model) or {}
+    preprocess = dict(model_cfg.get("preprocess_cfg") or {})
+    size = cfg.data.image_size or (model_cfg.get("vision_cfg") or {}).get("image_size")
+    if size is None:
+        raise ValueError("data.image_size is not set and the vision tower config has no image_size")
+    return size, preprocess
+
+
+def build_image_transform(cfg: Config) -> ImageTransform:
+    """The training image transform for a config (see `vision_image_size`)."""
+    size, preprocess = vision_image_size(cfg)
+    return ImageTransform(size, preprocess)
