@@ -11,7 +11,9 @@ Semantics (OpenFlamingo's `MaskedCrossAttention` with only_attend_immediate_medi
   softmax over all-equal logits is uniform over all M * N keys, i.e. the mean of all values.
 
 `media_attention_gather` costs O(T * N) per sample whatever M is: it walks the runs of equal
-text_time (contiguous, because text_time is a cumsum) and attends each run to its own image.
+text_time (contiguous, because text_time is a cumsum) and attends each run to its own image
+(runs of equal length share one SDPA call, and rows with the same layout are done together: on CPU
+the per-call overhead, not the arithmetic, dominates when images are many and runs short).
 `media_attention_dense` builds the full T x (M * N) masked score matrix, as OpenFlamingo does;
 it is kept as a second reference for tests and benchmarks.
 """
@@ -50,15 +52,28 @@ def _attend_runs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: list[t
     # full-size zero gradient per run
     q_runs = q.split([end - start for start, end, _ in runs], dim=-2)  # each (*, H, L, K)
     k_imgs, v_imgs = k.unbind(-4), v.unbind(-4)  # M x (*, H, N, K)
-    pieces = []
-    for q_run, (_, _, m) in zip(q_runs, runs):
+    pieces: list[torch.Tensor | None] = [None] * len(runs)
+    same_length: dict[int, list[int]] = {}  # run length -> runs that attend to an image
+    for i, (q_run, (start, end, m)) in enumerate(zip(q_runs, runs)):
         if m == 0:
-            pieces.append(torch.zeros_like(q_run))
+            pieces[i] = torch.zeros_like(q_run)
         elif m <= M:
-            pieces.append(F.scaled_dot_product_attention(q_run, k_imgs[m - 1], v_imgs[m - 1]))
+            same_length.setdefault(end - start, []).append(i)
         else:  # all keys masked: uniform attention over every latent of every image
             mean_v = v.mean(dim=(-4, -2))  # (*, H, K)
-            pieces.append(mean_v.unsqueeze(-2).expand_as(q_run))
+            pieces[i] = mean_v.unsqueeze(-2).expand_as(q_run)
+    # runs of equal length share one SDPA call (stacked on a new leading dim): with many images
+    # the per-call overhead, not the arithmetic, is what costs on CPU
+    for group in same_length.values():
+        media = [runs[i][2] - 1 for i in group]
+        if len(group) == 1:
+            pieces[group[0]] = F.scaled_dot_product_attention(q_runs[group[0]], k_imgs[media[0]], v_imgs[media[0]])
+            continue
+        q_g = torch.stack([q_runs[i] for i in group])  # (G, *, H, L, K)
+        k_g = torch.stack([k_imgs[m] for m in media])  # (G, *, H, N, K)
+        v_g = torch.stack([v_imgs[m] for m in media])
+        for i, out in zip(group, F.scaled_dot_product_attention(q_g, k_g, v_g).unbind(0)):
+            pieces[i] = out
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-2)
 
 
