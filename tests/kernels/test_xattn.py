@@ -156,11 +156,11 @@ def test_gather_matches_dense(seed):
     gen = torch.Generator().manual_seed(seed)
     B, H, T, M, N, K = 3, 2, 40, 4, 8, 16
     flags = (torch.rand(B, T, generator=gen) < 0.15).long()  # some rows get more markers than M
-    flags[0, :3] = 0  # row 0: text before the first image
     if seed == 2:  # regular markers: runs of equal length share one SDPA call in the gather
         flags[:] = 0
         flags[:2, ::5] = 1
         flags[2, 1::4] = 1
+    flags[0, :3] = 0  # row 0: text before the first image
     if seed == 3:  # one layout for the whole batch: the gather's batched path
         flags[:] = flags[0]
     text_time = flags.cumsum(1)
