@@ -139,7 +139,9 @@ def media_attention(
         out = media_attention_gather(q, k, v, text_time)
         if gate is not None:
             out = torch.tanh(gate) * out
-        return out if residual is None else residual + out
+        if residual is not None:
+            out = residual + out
+        return out.to(q.dtype)  # an fp32 gate or residual must not promote a bf16 output
 
     if not triton_available():
         raise RuntimeError("impl='triton' needs the triton package (pip install triton)")

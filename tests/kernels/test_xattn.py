@@ -136,6 +136,26 @@ def test_triton_gate_zero_passes_residual_through():
 
 
 @needs_triton
+def test_triton_strided_inputs_like_the_model():
+    """q, k, v as the model makes them: transposed views of projections, never copied."""
+    B, H, T, M, N, K = 1, 2, 20, 2, 16, 16
+    gen = torch.Generator().manual_seed(3)
+    q_proj = torch.randn(B, T, H * K, generator=gen).to(DEVICE).requires_grad_()
+    kv_proj = torch.randn(B, M, N, 2 * H * K, generator=gen).to(DEVICE).requires_grad_()
+    gate = torch.tensor([0.5], device=DEVICE, requires_grad=True)
+    text_time = text_time_from_markers(T, [2, 11])[None].to(DEVICE)
+    dout = torch.randn(B, H, T, K, generator=gen).to(DEVICE)
+    results = []
+    for impl in ("triton", "reference"):
+        q = q_proj.unflatten(-1, (H, K)).transpose(1, 2)  # (B, H, T, K), strided
+        k, v = (t.transpose(2, 3) for t in kv_proj.unflatten(-1, (2, H, K)).unbind(dim=3))  # (B, M, H, N, K)
+        out = media_attention(q, k, v, text_time, gate, impl=impl)
+        results.append((out, *torch.autograd.grad(out, (q_proj, kv_proj, gate), dout)))
+    for name, a, b in zip(("out", "dq", "dkv", "dgate"), *results):
+        assert rel_err(a, b) <= 1e-4, name
+
+
+@needs_triton
 def test_triton_bf16_upcast_path():
     """bf16 inputs (dots upcast to fp32 in the interpreter) against the fp32 reference."""
     B, H, T, M, N, K, markers, gate, residual = CASES["several_images_batch2"]
@@ -182,6 +202,9 @@ def test_auto_on_cpu_is_the_reference():
     expected = gated_media_attention_reference(q, k, v, text_time, gate, res)
     assert torch.equal(media_attention(q, k, v, text_time, gate, res), expected)
     assert torch.equal(media_attention(q, k, v, text_time), media_attention_gather(q, k, v, text_time))
+    # an fp32 gate (a parameter) does not promote bf16 activations
+    low = [t.detach().bfloat16() for t in (q, k, v)]
+    assert media_attention(*low, text_time, gate, res).dtype == torch.bfloat16
 
 
 def test_bad_arguments_raise():
