@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 from PIL import Image
+from torch.utils.data import get_worker_info
 
 
 class SkipSample(Exception):
@@ -91,6 +92,21 @@ class TextEncoder:
                 torch.tensor(out["attention_mask"], dtype=torch.long))
 
 
+def _batch_buffer(shape: tuple) -> torch.Tensor:
+    """An uninitialised float32 tensor; in a DataLoader worker, allocated in shared memory.
+
+    Worker results travel to the main process through shared memory; a tensor already there is
+    not copied again (torch's default_collate does the same, with the same storage call).
+    """
+    if get_worker_info() is None:
+        return torch.empty(shape)
+    numel = 1
+    for size in shape:
+        numel *= size
+    storage = torch.empty(0)._typed_storage()._new_shared(numel)
+    return torch.empty(0).new(storage).view(shape)
+
+
 def collate(samples: list[Sample], transform, max_num_media: int,
             loss_weight: float) -> dict[str, torch.Tensor]:
     """Stack samples into one micro-batch (see the module docstring for the format).
@@ -104,11 +120,12 @@ def collate(samples: list[Sample], transform, max_num_media: int,
         The micro-batch dict.
     """
     height, width = transform.size
-    images = torch.zeros(len(samples), max_num_media, 1, 3, height, width)  # (B, M, 1, 3, H, W)
+    images = _batch_buffer((len(samples), max_num_media, 1, 3, height, width))  # (B, M, 1, 3, H, W)
     for b, sample in enumerate(samples):
         assert len(sample.images) <= max_num_media
         for m, image in enumerate(sample.images):
             transform.write(image, images[b, m, 0], flip=sample.flip)
+        images[b, len(sample.images):].zero_()
     return {
         "images": images,
         "input_ids": torch.stack([s.input_ids for s in samples]),

@@ -91,7 +91,11 @@ class ImageTransform:
 
     def pil_stage(self, image: Image.Image) -> Image.Image:
         """Resize and crop as open_clip does; returns an RGB image of exactly `self.size`."""
+        from torchvision.transforms import CenterCrop
+
         for stage in self.pil_stages:
+            if isinstance(stage, CenterCrop) and image.size == self.size[::-1]:
+                continue  # cropping to the current size copies the same pixels
             image = stage(image)
         return image if image.mode == "RGB" else image.convert("RGB")
 
@@ -103,14 +107,12 @@ class ImageTransform:
             out: a contiguous float32 view to fill, shape (3, H, W).
             flip: mirror left-right.
         """
-        pixels = np.asarray(self.pil_stage(image))  # (H, W, 3) uint8
-        planes = pixels.transpose(2, 0, 1)  # (3, H, W)
+        image = self.pil_stage(image)
         if flip:
-            planes = planes[:, :, ::-1]
-        planes = np.ascontiguousarray(planes)
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         target = out.numpy()
-        for c in range(3):
-            np.take(self.lut[c], planes[c], out=target[c])
+        for c, band in enumerate(image.split()):  # R, G, B planes, each (H, W) uint8
+            np.take(self.lut[c], np.asarray(band), out=target[c], mode="wrap")  # uint8: in range
 
     def __call__(self, image: Image.Image, flip: bool = False) -> torch.Tensor:
         """One image -> (3, H, W) float32 tensor."""
