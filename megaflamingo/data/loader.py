@@ -237,18 +237,22 @@ class TrainLoader:
         self.order = interleave(per_step)
 
     def __iter__(self) -> Iterator[list[dict]]:
+        """One list of micro-batches per optimizer step, forever, from the current state."""
         iterators = {name: iter(loader) for name, loader in self.streams.items()}
         while True:
             yield [next(iterators[name]) for name in self.order]
 
     def state_dict(self) -> dict:
+        """{stream name: StreamLoader.state_dict()} (plain data, for the checkpoint)."""
         return {name: loader.state_dict() for name, loader in self.streams.items()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Resume every stream; raises ValueError if a stream's saved layout differs."""
         for name, loader in self.streams.items():
             loader.load_state_dict(state[name])
 
     def skipped(self) -> dict[str, dict[str, int]]:
+        """{stream name: {reason: count}} for everything handed out so far."""
         return {name: loader.skipped() for name, loader in self.streams.items()}
 
 

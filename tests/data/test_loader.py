@@ -98,6 +98,17 @@ def test_dp_ranks_are_disjoint_and_cover_the_epoch(easy_vqa_dir):
         assert set(flat) == all_keys(shards), "together the readers cover the epoch"
 
 
+def test_resampled_readers_draw_shards_with_replacement_deterministically(easy_vqa_dir):
+    shards = tuple(expand_shards(str(easy_vqa_dir / LAION)))
+    plan = StreamPlan(shards=shards, num_readers=4, seed=3, stream="laion", resampled=True)
+    draws = {(e, r): [u.shard for u in plan.units(e, r)] for e in range(3) for r in range(4)}
+    assert all(len(d) == 3 for d in draws.values())  # ceil(12 shards / 4 readers) per epoch
+    assert draws == {(e, r): [u.shard for u in plan.units(e, r)] for e in range(3) for r in range(4)}
+    assert len({tuple(d) for d in draws.values()}) > 1
+    flat = [s for d in draws.values() for s in d]
+    assert len(set(flat)) < len(flat)  # with replacement
+
+
 def test_dp_ranks_differ_and_tp_pp_peers_are_identical(easy_vqa_dir, tokenizer_dir, tokenizer):
     cfg = make_config(tokenizer_dir, data_section(easy_vqa_dir))
     keys, batches = {}, {}
