@@ -62,3 +62,19 @@ def test_text_encoder_equals_the_tokenizer_call(tokenizer):
         ref = tokenizer(text, max_length=16, truncation=True, padding="max_length",
                         padding_side="right")
         assert ids.tolist() == ref["input_ids"] and mask.tolist() == ref["attention_mask"]
+
+
+def test_text_encoder_matches_when_the_tokenizer_adds_a_bos(tokenizer_dir):
+    from tokenizers import processors
+
+    from megaflamingo.data.tokenizer import load_tokenizer
+
+    tok, _ = load_tokenizer(tokenizer_dir)  # a private instance: the post-processor changes
+    bos = tok.convert_tokens_to_ids("<|endoftext|>")
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos)])
+    encoder = TextEncoder(tok, 8)
+    for text in ["<image>a blue circle<|endofchunk|>", "x" * 30, "ab"]:
+        ids, _ = encoder(text)
+        ref = tok(text, max_length=8, truncation=True, padding="max_length", padding_side="right")
+        assert ids.tolist() == ref["input_ids"] and ids[0] == bos
