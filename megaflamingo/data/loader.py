@@ -30,13 +30,12 @@ from megaflamingo.data.batching import Sample, SkipSample, TextEncoder, collate
 from megaflamingo.data.images import ImageTransform, build_image_transform
 from megaflamingo.data.laion import preprocess_laion
 from megaflamingo.data.mmc4 import preprocess_mmc4
-from megaflamingo.data.sharding import Position, StreamPlan, iter_reader
+from megaflamingo.data.sharding import MAX_EMPTY_EPOCHS, Position, StreamPlan, iter_reader
 from megaflamingo.data.shards import expand_shards
 from megaflamingo.data.tokenizer import FlamingoTokens, flamingo_token_ids
 
 STREAMS = ("laion", "mmc4")
 STATE_FORMAT = 1
-MAX_EMPTY_EPOCHS = 10
 
 
 @dataclass

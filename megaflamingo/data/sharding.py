@@ -30,6 +30,9 @@ from typing import Iterator
 
 from megaflamingo.data.shards import RawSample, read_shard
 
+MAX_EMPTY_EPOCHS = 10
+"""Consecutive epochs without a (usable) sample after which a reader gives up with an error."""
+
 
 def derive_seed(*parts) -> int:
     """A 64-bit seed from any tuple of ints/strings, stable across processes and runs."""
@@ -142,13 +145,21 @@ def iter_reader(plan: StreamPlan, reader: int,
         plan: the stream plan.
         reader: this reader's index in [0, S).
         position: where to start.
+    Raises:
+        RuntimeError: `MAX_EMPTY_EPOCHS` epochs in a row held no sample at all (empty shards).
     """
     epoch, unit_pos, sample_pos = position.epoch, position.unit_pos, position.sample_pos
+    empty_epochs = 0
     while True:
-        units = plan.units(epoch, reader)
+        units, found = plan.units(epoch, reader), False
         while unit_pos < len(units):
             unit = units[unit_pos]
             for after, raw in iter_unit(plan, epoch, unit, sample_pos):
+                found = True
                 yield Position(epoch, unit_pos, after), unit, epoch, raw
             unit_pos, sample_pos = unit_pos + 1, 0
+        empty_epochs = 0 if found else empty_epochs + 1
+        if empty_epochs >= MAX_EMPTY_EPOCHS:
+            raise RuntimeError(f"data stream '{plan.stream}': reader {reader} found no sample in "
+                               f"{empty_epochs} epochs in a row; are the shards empty?")
         epoch, unit_pos = epoch + 1, 0

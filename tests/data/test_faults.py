@@ -122,3 +122,15 @@ def test_bad_mmc4_documents_are_counted_and_good_ones_arrive(tmp_path, tokenizer
     keys, skipped = run_epochs(config(tokenizer_dir, "mmc4", shards, 2), "mmc4", tokenizer,
                                3 * len(good))
     assert set(keys) == good and set(skipped) == set(expected)
+
+
+def test_a_stream_with_nothing_usable_fails_instead_of_hanging(tmp_path, tokenizer_dir, tokenizer):
+    import pytest
+
+    with tarfile.open(tmp_path / "empty.tar", "w"):
+        pass
+    write_tar(tmp_path / "bad.tar", [("x.jpg", b"junk"), ("x.txt", b"junk")])
+    for shard, message in (("empty.tar", "no sample"), ("bad.tar", "without one usable sample")):
+        cfg = config(tokenizer_dir, "laion", str(tmp_path / shard), 0)
+        with pytest.raises(RuntimeError, match=message):
+            next(iter(build_stream_loader(cfg, "laion", tokenizer, 0, 1)))
