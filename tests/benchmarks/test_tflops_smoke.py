@@ -1,0 +1,119 @@
+"""benchmarks/tflops.py: runs end to end on CPU and reports every field (no timing assertions)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megaflamingo.config import ConfigError
+from megaflamingo.models.flops import count_flops
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "benchmarks" / "tflops.py"
+RUN_FIELDS = ("step_s", "forward_s", "backward_s", "optimizer_s", "tokens_per_s", "samples_per_s",
+              "images_per_s", "tflops_true", "tflops_6n_all", "tflops_hardware", "peak_memory_gib")
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("tflops_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def check_report(report: dict, runs: tuple[str, ...]) -> None:
+    assert set(report["runs"]) == set(runs)
+    for key in ("device", "versions", "flops", "seq_len", "num_media", "micro_batch", "date", "peak_source"):
+        assert key in report, key
+    assert report["versions"]["torch"]
+    assert report["peak_tflops"] is None  # CPU: no MFU
+    for name, run in report["runs"].items():
+        for key in RUN_FIELDS:
+            assert math.isfinite(run[key]) and run[key] > 0, (name, key, run[key])
+        assert run["mfu"] is None and run["hfu"] is None and run["mfu_6n_all"] is None
+        assert run["losses_finite"] and math.isfinite(run["loss_last"])
+        # the conventions order the same way whatever the timing
+        assert run["tflops_6n_all"] > run["tflops_true"] == run["tflops_hardware"]
+        assert run["tokens_per_s"] == pytest.approx(run["samples_per_s"] * report["seq_len"])
+        assert run["images_per_s"] == pytest.approx(run["samples_per_s"] * report["num_media"])
+
+
+def test_cli_on_tiny_config_through_the_engine(tmp_path):
+    """The command line, in its own process (DeepSpeed initialises a one-rank world there)."""
+    out = tmp_path / "tflops.json"
+    cmd = [sys.executable, str(SCRIPT), "--config", "configs/tiny.yaml", "--steps", "3", "--warmup", "1",
+           "--json", str(out)]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    check_report(report, ("megaflamingo",))
+    engine_present = (ROOT / "megaflamingo" / "training" / "engine.py").is_file()
+    assert ("DeepSpeed engine" if engine_present else "plain torch step") in report["runs"]["megaflamingo"]["trainer"]
+    assert "true TFLOP/s" in proc.stdout and "megaflamingo" in proc.stdout
+
+
+def test_plain_step_fallback_and_openflamingo_baseline(tmp_path, monkeypatch, capsys):
+    """In process (no DeepSpeed world): the stand-in step where the engine is absent, and the baseline."""
+    bench = load_script()
+    monkeypatch.setattr(bench, "engine_available", lambda: False)
+    out = tmp_path / "plain.json"
+    has_reference = importlib.util.find_spec("open_flamingo") is not None
+    argv = ["--config", str(ROOT / "configs/tiny.yaml"), "--steps", "2", "--warmup", "0", "--accum", "2",
+            "--stream", "laion", "--json", str(out)] + (["--baseline", "openflamingo"] if has_reference else [])
+    assert bench.main(argv) == 0
+    report = json.loads(out.read_text())
+    check_report(report, ("megaflamingo", "open_flamingo") if has_reference else ("megaflamingo",))
+    assert "plain torch step" in report["runs"]["megaflamingo"]["trainer"]
+    assert any("not importable" in note for note in report["notes"])
+    assert (report["seq_len"], report["num_media"], report["accum"]) == (16, 1, 2)
+    printed = capsys.readouterr().out
+    assert "true TFLOP/s" in printed
+    if has_reference:
+        assert "create_model_and_transforms" in report["runs"]["open_flamingo"]["trainer"]
+        assert report["speedup_vs_baseline"] > 0 and "open_flamingo samples/s" in printed
+
+
+def test_released_configs_get_known_shapes_without_files():
+    bench = load_script()
+    cfg, notes = bench.benchmark_config(str(ROOT / "configs/openflamingo-9b.yaml"), [])
+    m = cfg.model
+    assert m.lm.hf_path is None and m.vision.weights is None and m.tokenizer is None
+    assert (m.lm.family, m.lm.hidden_size, m.lm.num_layers, m.lm.tie_word_embeddings) == ("mpt", 4096, 32, True)
+    assert (m.vocab_size, m.eoc_token_id, m.media_token_id, m.pad_token_id) == (50280, 50277, 50278, 50279)
+    assert cfg.data.mmc4.shards is None and any("mpt-7b" in n for n in notes)
+    # the substituted shapes are the worked example's (perf_anchors §1.3): 9.76 TF per MMC4 sample
+    assert count_flops(m, 256, 6).true / 1e12 == pytest.approx(9.76, rel=0.005)
+    for name in ("openflamingo-3b", "openflamingo-4b"):
+        cfg, _ = bench.benchmark_config(str(ROOT / f"configs/{name}.yaml"), ["model.lm.num_layers=2"])
+        assert cfg.model.lm.num_layers == 2 and cfg.model.vocab_size == 50280
+    with pytest.raises(ConfigError, match="KNOWN_LMS"):
+        bench.benchmark_config(str(ROOT / "configs/openflamingo-9b.yaml"), ["model.lm.hf_path=lm/unknown-lm"])
+    cfg, _ = bench.benchmark_config(str(ROOT / "configs/tiny.yaml"), ["model.lm.hf_path=lm/mpt-1b-redpajama-200b"])
+    assert (cfg.model.lm.hidden_size, cfg.model.lm.num_layers) == (2048, 24)  # overridden paths too
+
+
+def test_a_failing_baseline_is_reported_and_ours_still_runs(tmp_path, monkeypatch):
+    bench = load_script()
+    monkeypatch.setattr(bench, "engine_available", lambda: False)
+
+    class OutOfMemory:
+        def OpenFlamingoTrainer(self, *args):  # noqa: N802 (the attribute the script looks up)
+            raise RuntimeError("CUDA out of memory. Tried to allocate 1 PiB")
+
+    monkeypatch.setattr(bench, "_sibling", lambda name: OutOfMemory())
+    out = tmp_path / "oom.json"
+    assert bench.main(["--config", str(ROOT / "configs/tiny.yaml"), "--steps", "1", "--warmup", "0",
+                       "--baseline", "openflamingo", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["runs"]["open_flamingo"]["error"].startswith("RuntimeError: CUDA out of memory")
+    assert report["runs"]["megaflamingo"]["samples_per_s"] > 0 and report["speedup_vs_baseline"] is None
