@@ -13,6 +13,14 @@ DataLoader returns worker batches strictly round-robin, so the main process know
 position for everything it has handed out. The state is those positions plus which reader comes
 next; a restored loader renumbers its workers so that worker 0 plays that reader, and yields the
 same micro-batches the original would have yielded. Streams are infinite (epoch after epoch).
+
+Deliberate differences from OpenFlamingo's loaders (reference §4.1, §4.7.9), for determinism and
+exact resume: the shard order of an epoch comes from (seed, epoch) instead of a seeded 2000-shard
+buffer; samples are shuffled in seeded blocks of `shuffle_buffer` inside a shard instead of
+webdataset's 5000-sample buffer seeded from pid and time; flips and keep coins come from a
+per-sample RNG; an epoch is a full pass over the shards instead of `train_num_samples` (the
+training loop counts steps); fewer shards than readers splits shards by sample index instead of
+asserting; bad samples are counted by reason instead of logged and forgotten.
 """
 
 from __future__ import annotations

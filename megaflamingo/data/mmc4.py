@@ -284,14 +284,16 @@ def gpt_text_and_images(doc: dict, max_num_media: int) -> tuple[str, list[Image.
     Raises:
         SkipSample: "missing_key", "bad_json", "bad_image", "special_token_in_text".
     """
+    example, image_map = doc.get("example"), doc.get("image_map")
+    if not isinstance(example, str) or not isinstance(image_map, dict):
+        raise SkipSample("missing_key" if example is None or image_map is None else "bad_json")
+    names = GPT_MARKER.findall(example)
     try:
-        example, image_map = doc["example"], doc["image_map"]
-        names = GPT_MARKER.findall(example)
         encoded = [image_map[name]["base64_image"] for name in names]
     except (KeyError, TypeError):
         raise SkipSample("missing_key") from None
-    if not isinstance(example, str) or has_special_text([example]):
-        raise SkipSample("bad_json" if not isinstance(example, str) else "special_token_in_text")
+    if has_special_text([example]):
+        raise SkipSample("special_token_in_text")
     text = GPT_MARKER.sub(EOC_TOKEN + MEDIA_TOKEN, example)
     text = clean_special_spacing(text.replace(EOC_TOKEN, "", 1))
     starts = [m.start() for m in re.finditer(re.escape(MEDIA_TOKEN), text)]

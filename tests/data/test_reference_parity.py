@@ -26,6 +26,7 @@ from __future__ import annotations
 import base64
 import json
 import random
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -145,7 +146,7 @@ def expected_images(doc: bytes, options: MMC4Options, ref_images, num_tokens: in
     """The reference's images put in matched-sentence order and cut to the surviving tokens."""
     parsed = json.loads(doc)
     sim = np.asarray(parsed["similarity_matrix"], dtype=np.float64)
-    found = candidate_images(parsed["image_info"], options.min_image_bytes, __import__("collections").Counter())
+    found = candidate_images(parsed["image_info"], options.min_image_bytes, Counter())
     pairs = match_images(sim, sorted(found), options.matching, options.sim_threshold)[:MAX_IMAGES]
     order = sorted(range(len(pairs)), key=lambda k: pairs[k][1])
     out = torch.zeros_like(ref_images)
