@@ -252,18 +252,22 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check (and gently convert) `value` against the annotated type `tp`."""
+def _coerce(value: Any, tp: Any, where: str, current: Any = None) -> Any:
+    """Check (and gently convert) `value` against the annotated type `tp`.
+
+    A nested section is merged over `current` (the field's default), so a partial YAML section
+    keeps the defaults of the keys it does not mention (e.g. mmc4's seq_len 256).
+    """
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
-        return _coerce(value, args[0], where)
+        return _coerce(value, args[0], where, current)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
-        return _build(tp, value, where)
+        return _build(tp, value, where, current)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -287,17 +291,18 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
 
 
-def _build(cls: type, data: dict, where: str) -> Any:
+def _build(cls: type, data: dict, where: str, base: Any = None) -> Any:
+    """`base` (default: cls()) with the keys of `data` replaced, recursively."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
+    out = dataclasses.replace(base) if base is not None else cls()
     for key, value in data.items():
         if key not in names:
             close = difflib.get_close_matches(key, names, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(f"unknown key '{where}.{key}'{hint}".replace("'.", "'"))
-        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}".lstrip("."))
-    return cls(**kwargs)
+        setattr(out, key, _coerce(value, hints[key], f"{where}.{key}".lstrip("."), getattr(out, key)))
+    return out
 
 
 def _parse_scalar(text: str) -> Any:

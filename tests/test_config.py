@@ -97,3 +97,10 @@ def test_released_recipes_load_once_their_weights_exist(tmp_path, monkeypatch, n
     assert cfg.model.cross_attn_every_n_layers == every_n
     assert cfg.model.vision.open_clip_model == "ViT-L-14-quickgelu"
     assert cfg.data.laion.loss_multiplier == 0.2 and cfg.data.mmc4_options.sim_threshold == 0.24
+
+
+def test_partial_section_keeps_the_stream_defaults():
+    cfg = config_from_dict(BASE, ["data.mmc4.batch_size=4", "data.laion.shards=x.tar"])
+    assert cfg.data.mmc4.batch_size == 4
+    assert (cfg.data.mmc4.seq_len, cfg.data.mmc4.max_num_media) == (256, 6)
+    assert cfg.data.laion.loss_multiplier == 0.2 and cfg.data.laion.shards == "x.tar"
