@@ -17,7 +17,7 @@ import dataclasses
 import torch
 import torch.nn as nn
 
-from megaflamingo.config import ModelConfig
+from megaflamingo.config import ConfigError, ModelConfig
 from megaflamingo.models.cross_attention import GatedCrossAttentionBlock
 from megaflamingo.models.decoder import DecoderLM, build_decoder
 from megaflamingo.models.perceiver import PerceiverResampler
@@ -103,14 +103,12 @@ def resolve_token_ids(cfg: ModelConfig) -> ModelConfig:
     from megaflamingo.data.tokenizer import load_tokenizer
 
     _, ids = load_tokenizer(cfg.tokenizer)
-    pick = lambda mine, theirs: theirs if mine is None else mine  # noqa: E731
-    return dataclasses.replace(
-        cfg,
-        vocab_size=pick(cfg.vocab_size, ids.vocab_size),
-        media_token_id=pick(cfg.media_token_id, ids.media_token_id),
-        eoc_token_id=pick(cfg.eoc_token_id, ids.eoc_token_id),
-        pad_token_id=pick(cfg.pad_token_id, ids.pad_token_id),
-    )
+    for name in ("vocab_size", "media_token_id", "eoc_token_id", "pad_token_id"):
+        mine, theirs = getattr(cfg, name), getattr(ids, name)
+        if mine is not None and mine != theirs:
+            raise ConfigError(f"model.{name}={mine} but the tokenizer at {cfg.tokenizer} gives {theirs}")
+    return dataclasses.replace(cfg, vocab_size=ids.vocab_size, media_token_id=ids.media_token_id,
+                               eoc_token_id=ids.eoc_token_id, pad_token_id=ids.pad_token_id)
 
 
 def build_model(cfg: ModelConfig) -> Flamingo:

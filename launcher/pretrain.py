@@ -1,0 +1,42 @@
+"""Train a Flamingo model with megaflamingo (one process per rank).
+
+    deepspeed --hostfile hostfiles/a100 launcher/pretrain.py --config configs/openflamingo-9b.yaml
+    deepspeed --num_gpus 2 launcher/pretrain.py --config configs/tiny.yaml train.steps=20
+    python launcher/pretrain.py --config configs/tiny.yaml            # a single process
+
+Overrides are dotted `key=value` pairs (`optim.lr=3e-4 parallel.tp=2`). The run resumes from the
+newest checkpoint in train.output_dir unless `--resume none`; `--resume DIR` picks one. A config
+error or an illegal parallel layout exits with code 2 and one line, before any rank starts work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout too
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="YAML run config")
+    parser.add_argument("--resume", default=None, help="checkpoint dir, 'auto' or 'none'")
+    parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    args = parser.parse_args(argv)
+    from megaflamingo.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        resume = args.resume or cfg.checkpoint.resume or "auto"
+        from megaflamingo.training.loop import run
+
+        return run(cfg, resume=None if resume == "none" else resume)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
