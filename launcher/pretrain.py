@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     args = parser.parse_args(argv)
     from megaflamingo.config import ConfigError, load_config
+    from megaflamingo.data.shards import ShardNotFoundError
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         from megaflamingo.training.loop import run
 
         return run(cfg, resume=None if resume == "none" else resume)
-    except ConfigError as err:
+    except (ConfigError, ShardNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -16,6 +16,9 @@
   Images are JPEG re-encodes (as OpenFlamingo's converter does) at the native 64x64, about 1 KB:
   OpenFlamingo's 11,000-byte floor would drop every one, so train on these shards with
   `data.mmc4_options.min_image_bytes=0` (dataset.json repeats this).
+- `laion_vqa/NNNNN.tar`: the same pair format, one pair per train (image, question), captioned in
+  OpenFlamingo's VQA prompt format "Question:{q} Short answer:{a}": what the demo trains on, so
+  that training and the VQA evaluation prompt agree.
 - `vqa/test.jsonl` + `vqa/images/`: the test split as a VQA eval set, one JSON line per question
   {question_id, image (relative to the jsonl), question, answers (the answer x10, VQA style)}.
 - `dataset.json`: counts, shard patterns and the recommended overrides.
@@ -102,6 +105,12 @@ def laion_samples(images: list[tuple[int, str, str]]) -> Iterator[dict]:
         yield {"__key__": key, "jpg": jpeg_bytes(path), "txt": text, "json": meta}
 
 
+def vqa_pair_samples(paths: dict[int, str], qas: dict, image_ids: list[int]) -> Iterator[dict]:
+    """One img2dataset-style pair per (image, question), captioned as an OpenFlamingo VQA prompt."""
+    rows = ((i, paths[i], f"Question:{q} Short answer:{a}") for i in image_ids for q, a in qas[i])
+    yield from laion_samples(list(rows))
+
+
 def document(images: list[tuple[int, str, tuple]], qas: dict, rng: random.Random) -> dict:
     """One MMC4-format document from (image id, path, (colour, shape)) triples."""
     sentences, owners = [], []
@@ -170,7 +179,7 @@ def write_easy_vqa(out_dir: str | Path, limit: Optional[int] = None, shard_size:
         The summary also written to out_dir/dataset.json.
     """
     out = Path(out_dir)
-    for sub in ("laion", "mmc4"):
+    for sub in ("laion", "mmc4", "laion_vqa"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     paths, qas = load_split("train")
     described = [(i, paths[i], attributes(qas[i])) for i in sorted(paths)[:limit]]
@@ -178,12 +187,16 @@ def write_easy_vqa(out_dir: str | Path, limit: Optional[int] = None, shard_size:
     laion = write_shards(laion_samples(captioned), str(out / "laion" / "%05d.tar"), shard_size)
     known = [(i, p, a) for i, p, a in described if caption(*a)]
     mmc4 = write_shards(mmc4_samples(known, qas, seed), str(out / "mmc4" / "%05d.tar"), shard_size)
+    image_ids = sorted(paths)[:limit]
+    vqa_pairs = write_shards(vqa_pair_samples(paths, qas, image_ids), str(out / "laion_vqa" / "%05d.tar"),
+                             shard_size)
     questions = write_vqa(out / "vqa", limit)
     summary = {
         "source": "easy-vqa (PyPI)", "laion_pairs": len(captioned),
         "laion_shards": f"laion/{{00000..{len(laion) - 1:05d}}}.tar",
         "mmc4_shards": f"mmc4/{{00000..{len(mmc4) - 1:05d}}}.tar",
         "uncaptioned_images": len(described) - len(captioned),
+        "laion_vqa_shards": f"laion_vqa/{{00000..{len(vqa_pairs) - 1:05d}}}.tar",
         "vqa_questions": questions, "vqa": "vqa/test.jsonl",
         "recommended_overrides": ["data.mmc4_options.min_image_bytes=0"],
     }

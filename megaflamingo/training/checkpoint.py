@@ -79,3 +79,42 @@ def commit_checkpoint(root: str | Path, step: int, keep_last: int) -> Path:
     for stale in root.glob(".staging_*"):  # left by a save that was killed
         shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def load_trainable_weights(model, checkpoint_dir: str | Path) -> list[str]:
+    """Load the trainable weights of a (non-pipeline) checkpoint into a single-process model.
+
+    Frozen weights are not in checkpoints (they come from their sources); this fills in what
+    trained. ZeRO-0/1/2 checkpoints hold the module's weights whole; ZeRO-3 ones are gathered
+    with DeepSpeed's own zero_to_fp32 reader.
+
+    Args:
+        model: a `Flamingo` built from the run's model config.
+        checkpoint_dir: a complete checkpoint directory (e.g. `latest_checkpoint(root)`).
+    Returns:
+        The names loaded.
+    Raises:
+        ValueError: a pipeline checkpoint, or a trainable parameter missing from the checkpoint.
+    """
+    import torch
+
+    path = Path(checkpoint_dir)
+    states = path / "mp_rank_00_model_states.pt"
+    if not states.is_file():
+        raise ValueError(f"{path}: no mp_rank_00_model_states.pt (pipeline checkpoints are not "
+                         f"supported here; convert with the pipeline layout)")
+    module = torch.load(states, map_location="cpu", weights_only=False)["module"]
+    if not module:  # ZeRO-3: parameters live in the optimizer partitions
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        module = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+    state = {k.removeprefix("model."): v for k, v in module.items()}
+    wanted = [n for n, p in model.named_parameters() if p.requires_grad]
+    missing = [n for n in wanted if n not in state]
+    if missing:
+        raise ValueError(f"{path}: checkpoint lacks trainable parameter '{missing[0]}'")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name in wanted:
+            params[name].copy_(state[name])
+    return wanted

@@ -1,0 +1,161 @@
+"""launcher/pretrain.py through the real `deepspeed` launcher on 2 CPU ranks: training, checkpoints,
+exact resume after SIGKILL and after SIGTERM (the preemption path), and one-line config errors.
+
+Each launch costs ~20-40 s on 2 cores, so one uninterrupted reference run per layout is shared by
+the kill/resume checks.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from megaflamingo.training.checkpoint import latest_checkpoint, staging_name
+from megaflamingo.training.metrics import read_metrics
+from tests.assets import make_bpe_tokenizer
+
+ROOT = Path(__file__).resolve().parents[2]
+STEPS = 8
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    base = tmp_path_factory.mktemp("pretrain")
+    tok = make_bpe_tokenizer(base / "tok", vocab_size=257)
+    from megaflamingo.data.easyvqa import write_easy_vqa
+
+    write_easy_vqa(base / "data", limit=120, shard_size=30)
+    return base, tok
+
+
+def _overrides(assets, out: Path, extra=()) -> list[str]:
+    base, tok = assets
+    return [f"model.tokenizer={tok}", f"data.laion.shards={base}/data/laion/*.tar",
+            f"data.mmc4.shards={base}/data/mmc4/*.tar", "data.mmc4_options.min_image_bytes=0",
+            "data.laion.batch_size=4", "data.mmc4.batch_size=2", "data.mmc4.seq_len=64",
+            f"train.steps={STEPS}", "checkpoint.every=2", "checkpoint.keep_last=3", "optim.lr=3e-3",
+            f"train.output_dir={out}", *extra]
+
+
+def _launch(assets, out: Path, extra=(), ranks: int = 2) -> subprocess.Popen:
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
+           "--master_port", str(29500 + os.getpid() % 1000), "launcher/pretrain.py",
+           "--config", "configs/tiny.yaml", *_overrides(assets, out, extra)]
+    log = open(out.parent / f"{out.name}.log", "a")
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _run(assets, out: Path, extra=()) -> None:
+    proc = _launch(assets, out, extra)
+    assert proc.wait(timeout=600) == 0, (out.parent / f"{out.name}.log").read_text()[-3000:]
+
+
+def _kill_after_checkpoint(assets, out: Path, step: int, sig: int, extra=()) -> int:
+    """Start a run, wait until the checkpoint of `step` is committed, signal every process."""
+    proc = _launch(assets, out, extra)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        found = latest_checkpoint(out / "checkpoints")
+        if found is not None and int(found.name.split("_")[1]) >= step:
+            os.killpg(proc.pid, sig)
+            break
+        time.sleep(0.2)
+    return proc.wait(timeout=120)
+
+
+def _losses(out: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(out / "metrics.jsonl")}
+
+
+def _final_trainable(out: Path) -> dict[str, torch.Tensor]:
+    ckpt = latest_checkpoint(out / "checkpoints")
+    assert ckpt.name == f"step_{STEPS:08d}"
+    return torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+
+
+@pytest.fixture(scope="module")
+def reference(assets):
+    out = assets[0] / "reference"
+    _run(assets, out)
+    return out
+
+
+def test_trains_logs_and_checkpoints(reference):
+    losses = _losses(reference)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    first, last = sum(losses[s] for s in (1, 2, 3)) / 3, sum(losses[s] for s in (6, 7, 8)) / 3
+    assert last < first, losses
+    record = read_metrics(reference / "metrics.jsonl")[-1]
+    for key in ("loss_laion", "loss_mmc4", "lr", "samples_per_s", "tokens_per_s", "images_per_s"):
+        assert key in record
+    assert (reference / "config.yaml").is_file()
+    frozen_free = _final_trainable(reference)
+    assert frozen_free and all(not k.startswith("model.lm.layers") for k in frozen_free)  # frozen not written
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
+def test_resume_is_exact(assets, reference, sig):
+    out = assets[0] / f"killed-{sig.name}"
+    code = _kill_after_checkpoint(assets, out, step=4, sig=sig)
+    if sig == signal.SIGTERM:
+        assert code != -signal.SIGKILL
+        assert latest_checkpoint(out / "checkpoints") is not None
+    killed_at = int(latest_checkpoint(out / "checkpoints").name.split("_")[1])
+    assert killed_at < STEPS
+    _run(assets, out)  # auto-resumes from the newest checkpoint
+    ref, got = _losses(reference), _losses(out)
+    for step in range(killed_at + 1, STEPS + 1):
+        assert got[step] == pytest.approx(ref[step], rel=1e-6, abs=0), (step, got[step], ref[step])
+    want, have = _final_trainable(reference), _final_trainable(out)
+    assert want.keys() == have.keys()
+    for key in want:
+        assert torch.equal(want[key], have[key]), key
+
+
+def test_killed_save_leaves_previous_checkpoint_used(assets, reference):
+    """A save killed midway leaves only a staging dir; resume takes the last committed checkpoint."""
+    out = assets[0] / "killed-save"
+    _kill_after_checkpoint(assets, out, step=2, sig=signal.SIGKILL)
+    good = latest_checkpoint(out / "checkpoints")
+    partial = out / "checkpoints" / staging_name(int(good.name.split("_")[1]) + 1)
+    partial.mkdir()
+    (partial / "mp_rank_00_model_states.pt").write_bytes(b"truncated")  # what a killed writer leaves
+    assert latest_checkpoint(out / "checkpoints") == good
+    _run(assets, out)
+    assert _losses(out)[STEPS] == pytest.approx(_losses(reference)[STEPS], rel=1e-6)
+    assert not partial.exists()
+
+
+def test_config_errors_exit_2_with_one_line(assets, tmp_path):
+    env = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1")
+    cases = [(["optim.lrr=1"], "unknown key 'optim.lrr' (did you mean 'lr'?)"),
+             (["parallel.pp=2", "parallel.zero_stage=2"], "supports ZeRO stage 0 or 1 only"),
+             (["parallel.tp=3"], "does not divide"),
+             (["data.laion.shards=/nonexistent/*.tar"], "no file matches")]
+    for overrides, message in cases:
+        cmd = [sys.executable, "launcher/pretrain.py", "--config", "configs/tiny.yaml",
+               *_overrides(assets, tmp_path / "bad"), *overrides]
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+        assert proc.returncode == 2, (overrides, proc.stderr[-2000:])
+        assert len(lines) == 1 and message in lines[0], (overrides, proc.stderr[-2000:])
+        assert "Traceback" not in proc.stderr
+
+
+def test_illegal_layout_under_the_launcher_fails_before_work(assets, tmp_path):
+    out = tmp_path / "layout"
+    out.mkdir()
+    proc = _launch(assets, out / "run", extra=["parallel.pp=2", "parallel.tp=2"])
+    assert proc.wait(timeout=300) != 0
+    log = (out / "run.log").read_text()
+    assert "error: parallel: tp*pp = 2*2 = 4 does not divide the world size 2" in log
+    assert not (out / "run" / "metrics.jsonl").exists()
