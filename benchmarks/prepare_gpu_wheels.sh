@@ -16,6 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PIP=${PIP:-.venv/bin/pip}
+[[ -x ${PIP%% *} ]] || PIP="python3 -m pip"   # no venv yet (make setup makes one)
 DEST=.gpu_wheels
 # Binary wheels are chosen for the GPU machine's interpreter, not this one's.
 TARGET=(--only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 --abi abi3 --abi none
@@ -35,10 +36,10 @@ rm -rf "$DEST" && mkdir -p "$DEST"
 # pip.conf may list local indexes that lack these names; their warnings are noise here.
 quiet() { "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
 for pkg in "${PURE[@]}"; do
-  quiet "$PIP" download -q --no-deps --only-binary=:all: -d "$DEST" "$pkg" \
-    || quiet "$PIP" wheel -q --no-deps -w "$DEST" "$pkg"   # a release without a wheel: build one
+  quiet $PIP download -q --no-deps --only-binary=:all: -d "$DEST" "$pkg" \
+    || quiet $PIP wheel -q --no-deps -w "$DEST" "$pkg"   # a release without a wheel: build one
 done
-quiet "$PIP" download -q --no-deps "${TARGET[@]}" -d "$DEST" "${BINARY[@]}"
-quiet "$PIP" wheel -q --no-deps -w "$DEST" "${SDIST[@]}"
+quiet $PIP download -q --no-deps "${TARGET[@]}" -d "$DEST" "${BINARY[@]}"
+quiet $PIP wheel -q --no-deps -w "$DEST" "${SDIST[@]}"
 ls -1 "$DEST"
 du -sh "$DEST"

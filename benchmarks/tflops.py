@@ -27,6 +27,10 @@ convention): true TFLOP/s and MFU on the frozen-aware count, the "6N over all pa
 convention, and HFU (with activation recompute when parallel.activation_checkpointing). The
 baseline does the same useful work, so its numbers use the same count. MFU needs a known peak
 (`PEAK_BF16_TFLOPS`, or --peak-tflops); CPU runs print TFLOP/s only.
+
+Several ranks: `deepspeed --num_gpus 8 benchmarks/tflops.py --config C parallel.tp=2 ...` (rank 0
+prints). Rates are per device: each replica of tp * pp devices trains B * --accum samples per step.
+Pipeline stages need --accum >= pp micro-batches to fill the pipeline.
 """
 
 from __future__ import annotations
@@ -197,8 +201,9 @@ class PlainTrainer:
                      + (", bf16 autocast" if self.amp else ", fp32"))
 
     def forward(self, batch: dict) -> torch.Tensor:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
-            logits = self.model(batch["images"], batch["input_ids"], batch["attention_mask"])
+        images = batch["images"].to(next(self.model.vision.parameters()).dtype)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            logits = self.model(images, batch["input_ids"], batch["attention_mask"])
             return next_token_loss(logits, batch["labels"])
 
     def backward(self, loss: torch.Tensor) -> None:
