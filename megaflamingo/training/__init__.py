@@ -1,0 +1,1 @@
+"""Training: the DeepSpeed engine (engine.py), the loss (loss.py), the loop, checkpoints, schedules, metrics."""

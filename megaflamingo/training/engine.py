@@ -1,0 +1,299 @@
+"""The one place that builds DeepSpeed engines (plain or pipeline) from the config tree.
+
+Shapes: B micro-batch, G global batch (samples per optimizer step), M media, T text tokens.
+
+    engine = build_engine(cfg, model, groups, batch_size=G)
+    loss = train_step(engine, split_batch(global_batch, engine, groups))   # one optimizer step
+
+A batch is a dict: images (B, M, 1, C, S, S), input_ids (B, T), attention_mask (B, T),
+labels (B, T) (-100 ignored, aligned with input_ids), loss_weight (B,).
+
+- Layout: G is global; the micro-batch and the accumulation steps follow from the layout
+  (`batch_layout`), so every (tp, pp, dp) trains on the same G samples per step and the loss
+  (`training.loss`) is the same number as a single process's over the same G samples.
+- PP == 1: `FlamingoWithLoss` (the plain Flamingo forward + the loss) in a DeepSpeedEngine with
+  our `DeepSpeedMPU` (TP and DP groups), ZeRO 0-3.
+- PP > 1: `build_pipeline_module` in a PipelineEngine (ZeRO 0/1; the topology goes into the
+  module, not `mpu`).
+- Optimizer: torch AdamW over the trainable parameters only (no JIT-built DeepSpeed op), weight
+  decay on the cross-attention blocks only (OpenFlamingo, reference §4.3); clipping explicit.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from megaflamingo.config import Config, ConfigError
+from megaflamingo.models.cross_attention import GatedCrossAttentionBlock
+from megaflamingo.models.flamingo import Flamingo
+from megaflamingo.models.flops import count_flops
+from megaflamingo.parallel.plan import apply_tensor_parallel, gather_full_state, logits_vocab_start
+from megaflamingo.parallel.topology import DeepSpeedMPU, ParallelDims, ProcessGroups, check_layout
+from megaflamingo.training.loss import flamingo_loss
+
+BATCH_KEYS = ("images", "input_ids", "attention_mask", "labels", "loss_weight")
+
+
+def skip_shm_op_build() -> None:
+    """Stop DeepSpeed JIT-compiling its shared-memory comm op (~35 s; only inference uses it).
+
+    Call before `deepspeed.init_distributed` / `deepspeed.initialize`. `import deepspeed.comm.torch
+    as m` would bind the torch module (name shadowing), hence sys.modules.
+    """
+    import deepspeed.comm.torch  # noqa: F401
+
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+
+
+# ----------------------------------------------------------------------------- batch layout
+
+
+def global_batch_size(cfg: Config) -> int:
+    """Samples per optimizer step: the sum over the enabled data streams (those with shards)."""
+    streams = [s for s in (cfg.data.laion, cfg.data.mmc4) if s.shards is not None]
+    if not streams:
+        raise ConfigError("data: no stream has shards; set data.laion.shards or data.mmc4.shards "
+                          "(or pass batch_size to build_engine)")
+    return sum(s.batch_size for s in streams)
+
+
+def batch_layout(global_batch: int, dims: ParallelDims, micro_batch_size: int | None = None) -> tuple[int, int]:
+    """(micro-batch size per rank, gradient-accumulation steps) for a global batch on a layout.
+
+    Default micro-batch: the whole per-rank share without pipeline stages; with pp stages the
+    largest divisor of the share that still gives >= pp micro-batches (keeps the pipeline busy).
+
+    Raises:
+        ConfigError: dp does not divide the global batch, or the micro-batch does not divide the
+            per-rank share.
+    """
+    if global_batch % dims.dp:
+        raise ConfigError(f"global batch {global_batch} is not divisible by dp={dims.dp}")
+    share = global_batch // dims.dp
+    if micro_batch_size is None:
+        fits = [d for d in range(1, share + 1) if share % d == 0 and share // d >= min(dims.pp, share)]
+        micro_batch_size = max(fits) if dims.pp > 1 else share
+    if micro_batch_size < 1 or share % micro_batch_size:
+        raise ConfigError(f"micro batch {micro_batch_size} does not divide the per-rank share {share} "
+                          f"(global batch {global_batch} over dp={dims.dp})")
+    return micro_batch_size, share // micro_batch_size
+
+
+def split_batch(batch: dict[str, torch.Tensor], engine, groups: ProcessGroups) -> list[dict[str, torch.Tensor]]:
+    """This rank's micro-batches of a global batch: its DP share, cut into the engine's gas steps.
+
+    Every TP rank and pipeline stage of one replica gets the same samples.
+    """
+    micro, gas = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
+    start = groups.dp_rank * micro * gas
+    return [{k: v[start + i * micro: start + (i + 1) * micro] for k, v in batch.items()} for i in range(gas)]
+
+
+# ----------------------------------------------------------------------------- config and optimizer
+
+
+def build_ds_config(cfg: Config, dims: ParallelDims, micro: int, gas: int) -> dict[str, Any]:
+    """The DeepSpeed JSON, generated from the config tree (one source of truth)."""
+    return {
+        "train_batch_size": micro * gas * dims.dp,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": gas,
+        "gradient_clipping": cfg.optim.grad_clip,  # DeepSpeed's default is 1.0: always explicit
+        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "bf16": {"enabled": cfg.train.precision == "bf16"},
+        "fp16": {"enabled": False},
+        "pipeline": {"pipe_partitioned": False, "grad_partitioned": False, "use_reentrant": False},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Trainable parameters in two AdamW groups: cross-attention blocks decay, the rest do not.
+
+    OpenFlamingo decays every parameter of its gated cross-attention layers (norms and gates
+    included) and nothing else (reference §4.3). Pipeline anchors say their group in the
+    `megaflamingo_weight_decay` attribute. Empty groups are left out.
+    """
+    xattn = {id(p) for m in module.modules() if isinstance(m, GatedCrossAttentionBlock) for p in m.parameters()}
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    decayed = [id(p) in xattn or getattr(p, "megaflamingo_weight_decay", False) for p in trainable]
+    decay = [p for p, d in zip(trainable, decayed) if d]
+    rest = [p for p, d in zip(trainable, decayed) if not d]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(cfg: Config, module: nn.Module) -> torch.optim.Optimizer:
+    """torch AdamW over `param_groups(module)` with the config's lr, betas and eps."""
+    o = cfg.optim
+    return torch.optim.AdamW(param_groups(module, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+
+
+def pipeline_layer_costs(cfg: Config, model: Flamingo) -> list[float]:
+    """FLOPs per sample of each pipeline layer (embed, L blocks, head), for the stage partition.
+
+    Uses the largest enabled data stream's shapes (mmc4's when none is enabled).
+    """
+    streams = [s for s in (cfg.data.laion, cfg.data.mmc4) if s.shards is not None] or [cfg.data.mmc4]
+    stream = max(streams, key=lambda s: s.seq_len * max(1, s.max_num_media))
+    flops = count_flops(cfg.model, stream.seq_len, stream.max_num_media)
+    num_layers, num_blocks = len(model.lm.layers), max(1, len(model.xattn))
+    layer = flops["lm_layers"].total / num_layers
+    block = flops["xattn"].total / num_blocks
+    head = sum(c.total for c in flops.components if c.name.startswith("lm_head"))
+    embed = flops["vision"].total + flops["perceiver"].total
+    return [embed, *(layer + (block if str(i) in model.xattn else 0.0) for i in range(num_layers)), head]
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+class FlamingoWithLoss(nn.Module):
+    """The plain Flamingo forward and the training loss: what a non-pipeline engine runs.
+
+    Args:
+        model: the (tensor-parallelised) Flamingo.
+        vocab_group: the TP group its logits are sharded over, or None.
+    """
+
+    def __init__(self, model: Flamingo, vocab_group=None) -> None:
+        super().__init__()
+        self.model, self.vocab_group = model, vocab_group
+        self.vocab_start = logits_vocab_start(model.lm)
+
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                labels: torch.Tensor, loss_weight: torch.Tensor) -> torch.Tensor:
+        """Args: one micro-batch (module docstring). Returns: the scalar loss."""
+        dtype = self.model.perceiver.latents.dtype
+        logits = self.model(images.to(dtype), input_ids, attention_mask)  # (B, T, V_local)
+        return flamingo_loss(logits, labels, loss_weight, vocab_group=self.vocab_group,
+                             vocab_start=self.vocab_start)
+
+
+def _apply_activation_checkpointing(model: Flamingo) -> None:
+    """Recompute every decoder layer and cross-attention block in backward (non-reentrant).
+
+    The composable API works through hooks, so parameter names (and checkpoints) do not change.
+    """
+    from torch.distributed._composable import checkpoint
+
+    for layer in model.lm.layers:
+        checkpoint(layer)
+    for block in model.xattn.values():
+        checkpoint(block)
+
+
+def _build_module(cfg: Config, model: Flamingo, groups: ProcessGroups) -> nn.Module:
+    dims = groups.dims
+    apply_tensor_parallel(model, groups)
+    if dims.pp == 1:
+        if cfg.parallel.activation_checkpointing:
+            _apply_activation_checkpointing(model)
+        return FlamingoWithLoss(model, groups.tp if dims.tp > 1 else None)
+    from megaflamingo.parallel.pipeline import build_pipeline_module
+
+    return build_pipeline_module(
+        model, groups, flamingo_loss, partition=cfg.parallel.pipeline_partition,
+        costs=pipeline_layer_costs(cfg, model), activation_checkpointing=cfg.parallel.activation_checkpointing,
+    )
+
+
+def build_engine(cfg: Config, model: Flamingo, groups: ProcessGroups, *, batch_size: int | None = None,
+                 micro_batch_size: int | None = None,
+                 lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
+                 ds_overrides: dict[str, Any] | None = None):
+    """Build the DeepSpeed engine that trains `model` on the layout of `groups`.
+
+    Args:
+        cfg: the run config (parallel, optim, train.precision; data streams for the batch size).
+        model: the plain model from `build_model`, the same weights on every rank. It is
+            tensor-parallelised here (in place) when tp > 1.
+        groups: this rank's process groups (`build_groups`); their layout must be cfg's.
+        batch_size: global samples per optimizer step; None: the enabled streams' sum.
+        micro_batch_size: samples per micro-batch per rank; None: see `batch_layout`.
+        lr_scheduler: optional callable optimizer -> scheduler, stepped by the engine.
+        ds_overrides: extra top-level DeepSpeed config entries (merged over the generated ones).
+    Returns:
+        A DeepSpeedEngine (pp == 1) or PipelineEngine (pp > 1). Run steps with `train_step`.
+    Raises:
+        ConfigError: an illegal layout, or a batch that does not divide over it.
+    """
+    import deepspeed
+
+    dims = groups.dims
+    if check_layout(cfg, dims.world_size) != dims:
+        raise ConfigError(f"parallel: config asks for tp={cfg.parallel.tp} pp={cfg.parallel.pp}, "
+                          f"the process groups are {dims}")
+    micro, gas = batch_layout(batch_size or global_batch_size(cfg), dims, micro_batch_size)
+    ds_config = {**build_ds_config(cfg, dims, micro, gas), **(ds_overrides or {})}
+    skip_shm_op_build()
+    module = _build_module(cfg, model, groups)
+    mpu = DeepSpeedMPU(groups) if dims.pp == 1 else None  # a PipelineModule carries its topology
+    engine, *_ = deepspeed.initialize(model=module, optimizer=build_optimizer(cfg, module),
+                                      lr_scheduler=lr_scheduler, config=ds_config, mpu=mpu)
+    return engine
+
+
+# ----------------------------------------------------------------------------- running steps
+
+
+def is_pipeline(engine) -> bool:
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+
+    return isinstance(engine, PipelineEngine)
+
+
+def pipeline_item(batch: dict[str, torch.Tensor]) -> tuple:
+    """A micro-batch in PipelineEngine's format: ((images, input_ids, mask), (labels, loss_weight))."""
+    return ((batch["images"], batch["input_ids"], batch["attention_mask"]),
+            (batch["labels"], batch["loss_weight"]))
+
+
+def train_step(engine, micro_batches: Sequence[dict[str, torch.Tensor]]) -> float:
+    """One optimizer step over this rank's micro-batches; returns the global batch's loss.
+
+    PP: `engine.train_batch` runs the pipeline schedule. Otherwise forward / backward / step per
+    micro-batch (the engine steps the optimizer at the accumulation boundary). Either way the
+    value is the mean over micro-batches and DP ranks, i.e. the loss of the global batch.
+    """
+    if len(micro_batches) != engine.gradient_accumulation_steps():
+        raise ValueError(f"expected {engine.gradient_accumulation_steps()} micro-batches, got {len(micro_batches)}")
+    if is_pipeline(engine):
+        return float(engine.train_batch(iter([pipeline_item(b) for b in micro_batches])))
+    losses = []
+    for batch in micro_batches:
+        loss = engine(**batch)
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.detach().float())
+    mean = torch.stack(losses).mean()
+    dp_group = engine.mpu.get_data_parallel_group()
+    dist.all_reduce(mean, group=dp_group)
+    return float(mean) / dist.get_world_size(dp_group)
+
+
+def gather_trainable_state(engine) -> dict[str, torch.Tensor]:
+    """This rank's trainable parameters in full (ZeRO-3 and TP shards gathered), plain names.
+
+    Collective: every rank must call it. With pipeline stages each rank returns its stage's share.
+    """
+    import deepspeed
+
+    module = engine.module
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+        if is_pipeline(engine):
+            from megaflamingo.parallel.pipeline import pipeline_full_state
+
+            state = pipeline_full_state(module)
+        else:
+            state = {k.removeprefix("model."): v for k, v in gather_full_state(module).items()}
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    names = getattr(module, "flamingo_names", {n: n.removeprefix("model.") for n in trainable})
+    keep = {names[n] for n in trainable}
+    return {k: v for k, v in state.items() if k in keep}
