@@ -18,6 +18,8 @@ such as 50,280 + 3 added tokens needs no padding. Every sharded parameter carrie
 
 from __future__ import annotations
 
+from typing import Collection
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -130,10 +132,12 @@ class ColumnParallelLinear(nn.Module):
         """Args: x (..., D) replicated. Returns: (..., F_local)."""
         return F.linear(_copy(x, self.group), self.weight, self.bias)
 
-    def full_state(self) -> dict[str, torch.Tensor]:
-        """The full weight (and bias) in the plain layout; collective over the group."""
-        state = {"weight": self._gather(self.weight)}
-        if self.bias is not None:
+    def full_state(self, names: Collection[str] = ("weight", "bias")) -> dict[str, torch.Tensor]:
+        """The full `names` ("weight", "bias") in the plain layout; collective over the group."""
+        state = {}
+        if "weight" in names:
+            state["weight"] = self._gather(self.weight)
+        if "bias" in names and self.bias is not None:
             state["bias"] = self._gather(self.bias[:, None])[:, 0]
         return state
 
@@ -181,10 +185,12 @@ class RowParallelLinear(nn.Module):
         out = _reduce(F.linear(x, self.weight), self.group)
         return out if self.bias is None else out + self.bias
 
-    def full_state(self) -> dict[str, torch.Tensor]:
-        """The full weight (and bias) in the plain layout; collective over the group."""
-        state = {"weight": gather_dim(self.weight, 1, self.in_features, self.group)}
-        if self.bias is not None:
+    def full_state(self, names: Collection[str] = ("weight", "bias")) -> dict[str, torch.Tensor]:
+        """The full `names` ("weight", "bias") in the plain layout; collective over the group."""
+        state = {}
+        if "weight" in names:
+            state["weight"] = gather_dim(self.weight, 1, self.in_features, self.group)
+        if "bias" in names and self.bias is not None:
             state["bias"] = self.bias.detach().clone()
         return state
 
@@ -245,10 +251,12 @@ class VocabParallelEmbedding(nn.Module):
         mine = (ids >= self.vocab_start) & (ids < self.vocab_end)
         return logits.index_copy(-1, ids[mine] - self.vocab_start, added_logits[..., mine])
 
-    def full_state(self) -> dict[str, torch.Tensor]:
-        """{"weight": the full (V, D) base table, "added": the added rows}; collective over the group."""
-        state = {"weight": gather_dim(self.weight, 0, self.num_embeddings, self.group)}
-        if self.added is not None:
+    def full_state(self, names: Collection[str] = ("weight", "added")) -> dict[str, torch.Tensor]:
+        """The full `names`: "weight" (the (V, D) base table), "added"; collective over the group."""
+        state = {}
+        if "weight" in names:
+            state["weight"] = gather_dim(self.weight, 0, self.num_embeddings, self.group)
+        if "added" in names and self.added is not None:
             state["added"] = self.added.detach().clone()
         return state
 

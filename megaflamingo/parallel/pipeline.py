@@ -344,7 +344,7 @@ def build_pipeline_module(model: Flamingo, groups: ProcessGroups, loss: LossFn, 
         costs: per-layer costs (embed, L blocks, head) to balance when no explicit partition.
         activation_checkpointing: recompute each block in backward (non-reentrant).
     Returns:
-        The module; `.flamingo_names` maps its parameter names to the plain model's.
+        The module; `.flamingo_names` maps its parameter names to the plain model's (anchors have none).
     Raises:
         ConfigError: a bad explicit partition.
     """
@@ -363,7 +363,7 @@ def build_pipeline_module(model: Flamingo, groups: ProcessGroups, loss: LossFn, 
         checkpointable_layers=["PipelineBlock"], dynamic_shape=True,
     )
     _mark_grad_norm_owners(module, groups)
-    module.flamingo_names = {n: names.get(id(p), n) for n, p in module.named_parameters()}
+    module.flamingo_names = {n: names[id(p)] for n, p in module.named_parameters() if id(p) in names}
     return module
 
 
@@ -371,6 +371,8 @@ def _non_reentrant_checkpoint(function, *args):
     return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False)
 
 
-def pipeline_full_state(module: FlamingoPipelineModule) -> dict[str, torch.Tensor]:
-    """This stage's parameters, TP shards gathered, under the plain model's names (collective in TP)."""
-    return {module.flamingo_names.get(k, k): v for k, v in gather_full_state(module).items()}
+def pipeline_full_state(module: FlamingoPipelineModule, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+    """This stage's model parameters, TP shards gathered, under the plain model's names (anchors left
+    out); collective over the tensor-parallel group."""
+    state = gather_full_state(module, trainable_only)
+    return {module.flamingo_names[k]: v for k, v in state.items() if k in module.flamingo_names}

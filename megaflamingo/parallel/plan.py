@@ -181,19 +181,24 @@ def logits_vocab_start(lm: DecoderLM) -> int:
     return getattr(lm.lm_head, "shard_start", 0)
 
 
-def gather_full_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The plain (unsharded) state dict of a model parallelised by `apply_tensor_parallel`.
+def gather_full_state(model: nn.Module, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+    """The plain (unsharded) parameters of a model parallelised by `apply_tensor_parallel`.
 
-    Collective over each parallel layer's group: every rank of the group must call it. Under
-    ZeRO-3 call it inside `deepspeed.zero.GatheredParameters(model.parameters())`.
+    Collective over each parallel layer's group: every rank of the group must call it (with the
+    same `trainable_only`). Under ZeRO-3 call it inside `deepspeed.zero.GatheredParameters`.
 
+    Args:
+        model: the parallelised model (or any module holding its layers).
+        trainable_only: leave out frozen parameters (and skip gathering them).
     Returns:
-        {name: full tensor} for every parameter, with the plain model's names.
+        {name: full tensor}, with the plain model's names.
     """
     state = {}
     for prefix, module in model.named_modules():
-        own = dict(module.named_parameters(recurse=False))
-        full = module.full_state() if hasattr(module, "full_state") else {}
+        own = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad or not trainable_only}
+        if not own:
+            continue
+        full = module.full_state(own.keys()) if hasattr(module, "full_state") else {}
         for name, param in own.items():
             key = f"{prefix}.{name}" if prefix else name
             state[key] = full[name] if name in full else param.detach().clone()

@@ -138,11 +138,17 @@ def build_optimizer(cfg: Config, module: nn.Module) -> torch.optim.Optimizer:
 def pipeline_layer_costs(cfg: Config, model: Flamingo) -> list[float]:
     """FLOPs per sample of each pipeline layer (embed, L blocks, head), for the stage partition.
 
-    Uses the largest enabled data stream's shapes (mmc4's when none is enabled).
+    Uses the largest enabled data stream's shapes (mmc4's when none is enabled); falls back to
+    `default_layer_costs` for a model `count_flops` cannot count.
     """
     streams = [s for s in (cfg.data.laion, cfg.data.mmc4) if s.shards is not None] or [cfg.data.mmc4]
     stream = max(streams, key=lambda s: s.seq_len * max(1, s.max_num_media))
-    flops = count_flops(cfg.model, stream.seq_len, stream.max_num_media)
+    try:
+        flops = count_flops(cfg.model, stream.seq_len, stream.max_num_media)
+    except ValueError:
+        from megaflamingo.parallel.pipeline import default_layer_costs
+
+        return default_layer_costs(model)
     num_layers, num_blocks = len(model.lm.layers), max(1, len(model.xattn))
     layer = flops["lm_layers"].total / num_layers
     block = flops["xattn"].total / num_blocks
@@ -176,7 +182,7 @@ class FlamingoWithLoss(nn.Module):
                              vocab_start=self.vocab_start)
 
 
-def _apply_activation_checkpointing(model: Flamingo) -> None:
+def apply_activation_checkpointing(model: Flamingo) -> None:
     """Recompute every decoder layer and cross-attention block in backward (non-reentrant).
 
     The composable API works through hooks, so parameter names (and checkpoints) do not change.
@@ -194,7 +200,7 @@ def _build_module(cfg: Config, model: Flamingo, groups: ProcessGroups) -> nn.Mod
     apply_tensor_parallel(model, groups)
     if dims.pp == 1:
         if cfg.parallel.activation_checkpointing:
-            _apply_activation_checkpointing(model)
+            apply_activation_checkpointing(model)
         return FlamingoWithLoss(model, groups.tp if dims.tp > 1 else None)
     from megaflamingo.parallel.pipeline import build_pipeline_module
 
@@ -281,19 +287,16 @@ def train_step(engine, micro_batches: Sequence[dict[str, torch.Tensor]]) -> floa
 def gather_trainable_state(engine) -> dict[str, torch.Tensor]:
     """This rank's trainable parameters in full (ZeRO-3 and TP shards gathered), plain names.
 
-    Collective: every rank must call it. With pipeline stages each rank returns its stage's share.
+    Collective: every rank must call it. With pipeline stages each rank returns its stage's share
+    (pipeline anchors left out).
     """
     import deepspeed
 
     module = engine.module
-    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None):
         if is_pipeline(engine):
             from megaflamingo.parallel.pipeline import pipeline_full_state
 
-            state = pipeline_full_state(module)
-        else:
-            state = {k.removeprefix("model."): v for k, v in gather_full_state(module).items()}
-    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
-    names = getattr(module, "flamingo_names", {n: n.removeprefix("model.") for n in trainable})
-    keep = {names[n] for n in trainable}
-    return {k: v for k, v in state.items() if k in keep}
+            return pipeline_full_state(module, trainable_only=True)
+        return {k.removeprefix("model."): v for k, v in gather_full_state(module, trainable_only=True).items()}

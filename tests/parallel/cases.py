@@ -42,6 +42,9 @@ FAMILIES = {
     "llama": dict(lm=dict(family="llama", num_kv_heads=2, intermediate_size=48), every_n=1),
     # MPT: ALiBi, tied head (the added rows train through both ends), a block before every 2nd layer.
     "mpt": dict(lm=dict(family="mpt", tie_word_embeddings=True, intermediate_size=64), every_n=2),
+    # GPT-NeoX: partial rotary, parallel residual, biases everywhere (column shards, row replicated).
+    "gpt_neox": dict(lm=dict(family="gpt_neox", rotary_pct=0.25, use_parallel_residual=True, attention_bias=True,
+                             hidden_act="gelu", intermediate_size=48), every_n=2),
 }
 
 

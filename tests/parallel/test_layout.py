@@ -160,3 +160,23 @@ def test_global_loss_is_the_mean_of_equal_micro_batch_losses() -> None:
         parts = [flamingo_loss(logits[i:i + micro], batch["labels"][i:i + micro], batch["loss_weight"][i:i + micro])
                  for i in range(0, 8, micro)]
         torch.testing.assert_close(torch.stack(parts).mean(), whole, rtol=1e-6, atol=0)
+
+
+def test_activation_checkpointing_recomputes_blocks_and_keeps_names() -> None:
+    from megaflamingo.training.engine import apply_activation_checkpointing
+    from tests.parallel.cases import build_tiny_model
+
+    model = build_tiny_model("llama")
+    names = [n for n, _ in model.named_parameters()]
+    apply_activation_checkpointing(model)
+    assert [n for n, _ in model.named_parameters()] == names
+    calls = []
+    # pre-hooks on early children: the checkpointed module's own hooks are off while it
+    # recomputes, and recompute stops as soon as every saved tensor is back
+    model.lm.layers[1].attn.register_forward_pre_hook(lambda *_: calls.append("layer"))
+    model.xattn["1"].to_q.register_forward_pre_hook(lambda *_: calls.append("xattn"))
+    batch = global_batch()
+    logits = model(batch["images"][:2], batch["input_ids"][:2], batch["attention_mask"][:2])
+    assert calls == ["xattn", "layer"]
+    logits.sum().backward()
+    assert sorted(calls) == ["layer", "layer", "xattn", "xattn"]  # recomputed in backward
