@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=None, help="override train.steps")
-    parser.add_argument("--eval-limit", type=int, default=300, help="test questions to score")
+    parser.add_argument("--eval-limit", type=int, default=200, help="test questions to score")
     args = parser.parse_args()
     from megaflamingo.convert.gguf import gguf_to_hf_dir, smollm2_gguf
     from megaflamingo.data.easyvqa import write_easy_vqa
