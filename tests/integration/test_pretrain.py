@@ -159,3 +159,20 @@ def test_illegal_layout_under_the_launcher_fails_before_work(assets, tmp_path):
     log = (out / "run.log").read_text()
     assert "error: parallel: tp*pp = 2*2 = 4 does not divide the world size 2" in log
     assert not (out / "run" / "metrics.jsonl").exists()
+
+
+def test_resume_is_exact_with_tensor_parallelism(assets):
+    """TP=2 on the 2 ranks: each rank's shard file resumes exactly too."""
+    layout = ["parallel.tp=2"]
+    ref, out = assets[0] / "tp2-reference", assets[0] / "tp2-killed"
+    _run(assets, ref, layout)
+    _kill_after_checkpoint(assets, out, step=4, sig=signal.SIGKILL, extra=layout)
+    killed_at = int(latest_checkpoint(out / "checkpoints").name.split("_")[1])
+    _run(assets, out, layout)
+    want, have = _losses(ref), _losses(out)
+    for step in range(killed_at + 1, STEPS + 1):
+        assert have[step] == pytest.approx(want[step], rel=1e-6, abs=0), step
+    for shard in ("mp_rank_00_model_states.pt", "mp_rank_01_model_states.pt"):
+        a = torch.load(latest_checkpoint(ref / "checkpoints") / shard, weights_only=False)["module"]
+        b = torch.load(latest_checkpoint(out / "checkpoints") / shard, weights_only=False)["module"]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), shard
