@@ -11,8 +11,8 @@ n micro-batches gets weight multiplier * n / k.
 
 The learning rate is set by the loop from the step number (`schedule.lr_multiplier`), so it needs
 no state of its own in a checkpoint. A step whose loss is NaN/Inf on any rank is skipped on every
-rank (no backward for the bad micro-batch, gradients dropped, the optimizer run at lr 0 so no
-parameter moves) and counted; too many in a row abort the run.
+rank (the bad micro-batch backpropagates zero, the optimizer runs at lr 0 so no parameter moves)
+and counted; too many in a row abort the run.
 """
 
 from __future__ import annotations
@@ -206,19 +206,28 @@ class Trainer:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
+    def _zero_loss(self) -> torch.Tensor:
+        """A finite loss with zero gradient for every trainable parameter (keeps hooks and
+        gradient reduction on their normal path when a micro-batch's real loss is NaN/Inf)."""
+        params = [p for p in self.engine.module.parameters() if p.requires_grad]
+        return torch.stack([(p * 0).sum() for p in params]).sum()
+
     def _run_micro_batches(self, micro_batches: list[dict]) -> tuple[dict[str, list], bool]:
-        """Forward/backward every micro-batch (no pipeline); returns per-stream losses and badness."""
+        """Forward/backward every micro-batch (no pipeline); returns per-stream losses and badness.
+
+        Once any rank sees a NaN/Inf loss, the rest of the step backpropagates zero and the
+        optimizer runs at lr 0: no parameter moves (Adam's moments still see the step's finite
+        micro-batches that came before the bad one).
+        """
         losses: dict[str, list] = {name: [] for name in self.weight_scale}
         bad = False
         for name, batch in zip(self.order, micro_batches):
             loss = self.engine(**batch)
             bad = self._any_rank(not bool(torch.isfinite(loss.detach()).all())) or bad
-            if not bad:
-                self.engine.backward(loss)
+            self.engine.backward(self._zero_loss() if bad else loss)
             weight = float(batch["loss_weight"][0])
             losses[name].append(loss.detach().float() / weight if weight else loss.detach().float())
             if bad and self.engine.is_gradient_accumulation_boundary():
-                self.engine.optimizer.zero_grad()
                 self._set_lr(0.0)
             self.engine.step()
         return losses, bad
