@@ -19,6 +19,23 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def overlay_added_rows(base: torch.Tensor, input_ids: torch.Tensor, slot: torch.Tensor,
+                       added: torch.Tensor) -> torch.Tensor:
+    """Replace the embeddings of the added tokens by their rows of the trainable table.
+
+    Args:
+        base: (B, T, D) embeddings looked up in the base table.
+        input_ids: (B, T).
+        slot: (V,) row of each id in `added`, -1 for base rows.
+        added: (A, D) the trainable rows.
+    Returns:
+        (B, T, D).
+    """
+    where = slot[input_ids]  # (B, T)
+    rows = F.embedding(where.clamp(min=0), added)
+    return torch.where((where >= 0).unsqueeze(-1), rows, base)
+
+
 class TokenEmbedding(nn.Module):
     """Embedding lookup (`forward`) and tied output projection (`attend`) over base + added rows.
 
@@ -45,11 +62,7 @@ class TokenEmbedding(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Args: input_ids (B, T). Returns: (B, T, D)."""
         out = F.embedding(input_ids, self.weight)
-        if self.added is None:
-            return out
-        slot = self.slot[input_ids]  # (B, T), -1 for base rows
-        added = F.embedding(slot.clamp(min=0), self.added)
-        return torch.where((slot >= 0).unsqueeze(-1), added, out)
+        return out if self.added is None else overlay_added_rows(out, input_ids, self.slot, self.added)
 
     def attend(self, hidden: torch.Tensor) -> torch.Tensor:
         """Tied output projection. Args: hidden (B, T, D). Returns: logits (B, T, V)."""

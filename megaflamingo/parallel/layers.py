@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megaflamingo.parallel.comm import copy_to_group, reduce_from_group
+from megaflamingo.models.embedding import overlay_added_rows
 
 
 def shard_bounds(size: int, rank: int, world: int) -> tuple[int, int]:
@@ -229,11 +230,7 @@ class VocabParallelEmbedding(nn.Module):
         outside = (local_ids < 0) | (local_ids >= self.weight.shape[0])
         out = F.embedding(local_ids.clamp(0, self.weight.shape[0] - 1), self.weight)
         out = _reduce(out.masked_fill(outside.unsqueeze(-1), 0.0), self.group)
-        if self.added is None:
-            return out
-        slot = self.slot[input_ids]  # (B, T), -1 for base rows
-        added = F.embedding(slot.clamp(min=0), self.added)
-        return torch.where((slot >= 0).unsqueeze(-1), added, out)
+        return out if self.added is None else overlay_added_rows(out, input_ids, self.slot, self.added)
 
     def attend(self, hidden: torch.Tensor) -> torch.Tensor:
         """Tied output projection. Args: hidden (B, T, D). Returns: logits (B, T, V_local).

@@ -17,29 +17,17 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from megaflamingo.config import KernelsConfig, LMConfig, ModelConfig, PerceiverConfig, VisionConfig, XAttnConfig
+from megaflamingo.config import LMConfig, ModelConfig, VisionConfig
 from megaflamingo.models.flamingo import build_model
 from megaflamingo.models.flops import count_flops
-from tests.assets import TINY_VISION
+from tests.models.test_flamingo import MEDIA, tiny_config as flamingo_tiny_config
 
-MEDIA, EOC = 250, 251
 
 
 def tiny_config(family: str, every_n: int = 2, **changes) -> ModelConfig:
-    lm = dict(family=family, vocab_size=256, hidden_size=64, num_layers=4, num_heads=4)
-    if family == "llama":
-        lm.update(num_kv_heads=2, intermediate_size=96)
-    cfg = ModelConfig(
-        vision=VisionConfig(open_clip_config=TINY_VISION),
-        lm=LMConfig(**lm),
-        cross_attn_every_n_layers=every_n,
-        perceiver=PerceiverConfig(depth=2, heads=2, dim_head=16, num_latents=8, ff_mult=2),
-        xattn=XAttnConfig(heads=2, dim_head=16, ff_mult=2),
-        media_token_id=MEDIA,
-        eoc_token_id=EOC,
-        kernels=KernelsConfig(xattn="reference"),
-    )
-    return dataclasses.replace(cfg, **changes)
+    """test_flamingo's tiny model, with a narrower MLP and GQA for LLaMA."""
+    lm = dict(num_kv_heads=2, intermediate_size=96) if family == "llama" else {}
+    return dataclasses.replace(flamingo_tiny_config(family, every_n, **lm), **changes)
 
 
 def measure_step(cfg: ModelConfig, B: int, T: int, M: int, first_image: int = 0) -> tuple[int, int]:
