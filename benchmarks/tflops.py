@@ -84,6 +84,9 @@ KNOWN_LMS = {
         family="gpt_neox", vocab_size=50432, hidden_size=2560, num_layers=32, num_heads=32,
         intermediate_size=10240, rotary_pct=1.0, use_parallel_residual=False, hidden_act="gelu",
         attention_bias=True, mlp_bias=True, tie_word_embeddings=False, tokenizer_len=50277),
+    "Meta-Llama-3-70B": dict(family="llama", vocab_size=128256, hidden_size=8192, num_layers=80, num_heads=64,
+                             num_kv_heads=8, intermediate_size=28672, rope_theta=500000.0,
+                             max_position_embeddings=8192, tie_word_embeddings=False, tokenizer_len=128256),
 }
 
 

@@ -117,3 +117,30 @@ def test_a_failing_baseline_is_reported_and_ours_still_runs(tmp_path, monkeypatc
     report = json.loads(out.read_text())
     assert report["runs"]["open_flamingo"]["error"].startswith("RuntimeError: CUDA out of memory")
     assert report["runs"]["megaflamingo"]["samples_per_s"] > 0 and report["speedup_vs_baseline"] is None
+
+
+def test_3d_example_fits_its_hostfile():
+    """configs/llama3-70b-3d.yaml on hostfiles/h100-8nodes: TP inside a node, PP across nodes."""
+    from megaflamingo.parallel.topology import check_layout
+    from megaflamingo.training.engine import batch_layout
+
+    bench = load_script()
+    cfg, notes = bench.benchmark_config(str(ROOT / "configs/llama3-70b-3d.yaml"), [])
+    lm = cfg.model.lm
+    assert (lm.family, lm.hidden_size, lm.num_layers, lm.num_kv_heads) == ("llama", 8192, 80, 8)
+    assert cfg.model.vocab_size == 128256 + 3 and any("Meta-Llama-3-70B" in n for n in notes)
+    lines = [ln.split() for ln in (ROOT / "hostfiles/h100-8nodes").read_text().splitlines()
+             if ln.strip() and not ln.startswith("#")]
+    slots = [int(slot.split("=")[1]) for _, slot in lines]
+    dims = check_layout(cfg, sum(slots))
+    assert (dims.tp, dims.pp, dims.dp) == (8, 4, 2)
+    node_of = [n for n, k in enumerate(slots) for _ in range(k)]
+    for group in dims.groups("tp"):
+        assert len({node_of[r] for r in group}) == 1  # a TP group never leaves its node
+    for group in dims.groups("pp"):
+        assert len({node_of[r] for r in group}) == dims.pp  # each stage on other nodes
+    for stream in (cfg.data.laion, cfg.data.mmc4):
+        micro, gas = batch_layout(stream.batch_size, dims, stream.micro_batch_size)
+        assert micro == stream.micro_batch_size and gas == 32
+    with pytest.raises(ConfigError, match="does not divide the world size"):
+        check_layout(cfg, 48)
