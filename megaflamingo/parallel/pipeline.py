@@ -145,15 +145,22 @@ class PipelineHead(StageLayer):
 
 
 class PipelineLoss:
-    """loss_fn(outputs, labels) for DeepSpeed: labels = (labels (B, T), loss_weight (B,))."""
+    """loss_fn(outputs, labels) for DeepSpeed: labels = (labels (B, T), loss_weight (B,)).
+
+    Every loss it computes is also appended (detached) to `recorded`, in micro-batch order, so the
+    training loop can report per-stream losses; the loop clears it around each step.
+    """
 
     def __init__(self, loss: LossFn, vocab_group, vocab_start: int) -> None:
         self.loss, self.vocab_group, self.vocab_start = loss, vocab_group, vocab_start
         self.__name__ = getattr(loss, "__name__", "loss")
+        self.recorded: list[torch.Tensor] = []
 
     def __call__(self, logits: torch.Tensor, labels: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        return self.loss(logits, labels[0], labels[1], vocab_group=self.vocab_group,
+        loss = self.loss(logits, labels[0], labels[1], vocab_group=self.vocab_group,
                          vocab_start=self.vocab_start)
+        self.recorded.append(loss.detach())
+        return loss
 
 
 # ----------------------------------------------------------------------------- partition

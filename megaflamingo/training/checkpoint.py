@@ -99,11 +99,14 @@ def load_trainable_weights(model, checkpoint_dir: str | Path) -> list[str]:
     import torch
 
     path = Path(checkpoint_dir)
-    states = path / "mp_rank_00_model_states.pt"
-    if not states.is_file():
-        raise ValueError(f"{path}: no mp_rank_00_model_states.pt (pipeline checkpoints are not "
-                         f"supported here; convert with the pipeline layout)")
-    module = torch.load(states, map_location="cpu", weights_only=False)["module"]
+    states = path / "mp_rank_00_model_states.pt"  # ZeRO-0/1/2; ZeRO-3 names it zero_pp_rank_0_mp_rank_00_...
+    if states.is_file():
+        module = torch.load(states, map_location="cpu", weights_only=False)["module"]
+    elif (path / f"zero_pp_rank_0_{states.name}").is_file():
+        module = {}
+    else:
+        raise ValueError(f"{path}: no {states.name} (pipeline checkpoints are not supported here; "
+                         f"convert with the pipeline layout)")
     if not module:  # ZeRO-3: parameters live in the optimizer partitions
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

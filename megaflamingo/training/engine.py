@@ -255,6 +255,30 @@ def is_pipeline(engine) -> bool:
     return isinstance(engine, PipelineEngine)
 
 
+def guard_pipeline_step(engine) -> None:
+    """Make a pipeline engine skip, on every rank, an optimizer step with a NaN/Inf gradient.
+
+    `train_batch` steps the optimizer inside DeepSpeed's schedule. ZeRO-1 already skips a step
+    whose gradient norm is not finite (its gradients live in its partitions by then); a ZeRO-0
+    engine would clip and apply the NaNs, so for ZeRO-0 the step is wrapped: each rank checks its trainable
+    gradients, the flag is reduced over the world, and a bad step only zeroes the gradients.
+    """
+    if engine.zero_optimization_stage() > 0:
+        return
+    take_step = engine._take_model_step
+
+    def guarded(lr_kwargs=None):
+        grads = [p.grad for p in engine.module.parameters() if p.requires_grad and p.grad is not None]
+        bad = torch.tensor([float(any(not torch.isfinite(g).all() for g in grads))], device=engine.device)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item():
+            engine.zero_grad()
+            return
+        take_step(lr_kwargs)
+
+    engine._take_model_step = guarded
+
+
 def pipeline_item(batch: dict[str, torch.Tensor]) -> tuple:
     """A micro-batch in PipelineEngine's format: ((images, input_ids, mask), (labels, loss_weight))."""
     return ((batch["images"], batch["input_ids"], batch["attention_mask"]),

@@ -21,6 +21,7 @@ import os
 import random
 import signal
 import socket
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -140,10 +141,16 @@ class Trainer:
         self.loader = build_train_loader(cfg, self.tokenizer, groups.dp_rank, groups.dims.dp)
         self.order = list(self.loader.order)
         num_micro = len(self.order)
-        self.weight_scale = {name: num_micro / k for name, k in self.loader.per_step.items()}
+        self.per_step = dict(self.loader.per_step)  # micro-batches per step of each stream
+        self.weight_scale = {name: num_micro / k for name, k in self.per_step.items()}
         # Micro-batches of the two streams differ in size and shape; the engine only needs their count.
         self.engine = build_engine(cfg, model, groups, batch_size=num_micro * groups.dims.dp, micro_batch_size=1)
         self.pipeline = is_pipeline(self.engine)
+        self.device = self.engine.device
+        if self.pipeline:
+            from megaflamingo.training.engine import guard_pipeline_step
+
+            guard_pipeline_step(self.engine)
         self.base_lrs = [g["lr"] for g in self.engine.optimizer.param_groups]
         self.counters = Counters()
         resumed = self._resume(resume)
@@ -154,6 +161,11 @@ class Trainer:
 
             (self.out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         self.preemption = Preemption()
+        self.progress = None
+        if groups.rank == 0 and sys.stderr.isatty():  # a live bar on terminals; log lines either way
+            from tqdm import tqdm
+
+            self.progress = tqdm(total=cfg.train.steps, initial=self.counters.step, unit="step", dynamic_ncols=True)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -202,7 +214,7 @@ class Trainer:
         return self.base_lrs[0] * mult
 
     def _any_rank(self, flag: bool) -> bool:
-        t = torch.tensor([1.0 if flag else 0.0])
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)  # NCCL reduces device tensors only
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
@@ -211,6 +223,25 @@ class Trainer:
         gradient reduction on their normal path when a micro-batch's real loss is NaN/Inf)."""
         params = [p for p in self.engine.module.parameters() if p.requires_grad]
         return torch.stack([(p * 0).sum() for p in params]).sum()
+
+    def _run_pipeline(self, micro_batches: list[dict]) -> dict[str, list]:
+        """One pipeline schedule (forward, backward, optimizer step inside `train_batch`).
+
+        Returns the last stage's per-micro-batch losses by stream (empty lists on other stages).
+        A NaN/Inf step never moves parameters: ZeRO-1's optimizer skips steps whose gradient norm
+        is not finite, and `guard_pipeline_step` does the same for ZeRO-0.
+        """
+        from megaflamingo.training.engine import pipeline_item
+
+        recorded = self.engine.module.loss_fn.recorded
+        recorded.clear()
+        self.engine.train_batch(iter([pipeline_item(b) for b in micro_batches]))
+        losses: dict[str, list] = {name: [] for name in self.weight_scale}
+        for name, batch, loss in zip(self.order, micro_batches, recorded):
+            weight = float(batch["loss_weight"][0])
+            losses[name].append(loss.float() / weight if weight else loss.float())
+        recorded.clear()
+        return losses
 
     def _run_micro_batches(self, micro_batches: list[dict]) -> tuple[dict[str, list], bool]:
         """Forward/backward every micro-batch (no pipeline); returns per-stream losses and badness.
@@ -238,21 +269,23 @@ class Trainer:
             batch["loss_weight"] = batch["loss_weight"] * self.weight_scale[name]
         lr = self._set_lr(1.0)
         if self.pipeline:
-            from megaflamingo.training.engine import pipeline_item
-
-            loss = float(self.engine.train_batch(iter([pipeline_item(b) for b in micro_batches])))
-            return {"loss": loss, "lr": lr, "bad": not torch.isfinite(torch.tensor(loss))}
-        losses, bad = self._run_micro_batches(micro_batches)
-        dp = self.groups.dp
-        metrics = {"lr": lr, "bad": bad}
-        per_stream = {}
-        for name, values in losses.items():
-            mean = torch.stack(values).mean()
-            dist.all_reduce(mean, group=dp)
-            per_stream[name] = float(mean) / self.groups.dims.dp
+            losses, bad = self._run_pipeline(micro_batches), False
+        else:
+            losses, bad = self._run_micro_batches(micro_batches)
+        # Per-stream means over the step's micro-batches and DP ranks; with pipeline stages only the
+        # last stage holds losses, so the sums are reduced over the pipeline group too.
+        names = list(losses)
+        sums = torch.zeros(len(names), dtype=torch.float64, device=self.device)
+        for i, name in enumerate(names):
+            if losses[name]:
+                sums[i] = torch.stack(losses[name]).double().sum()
+        dist.all_reduce(sums, group=self.groups.pp)
+        dist.all_reduce(sums, group=self.groups.dp)
+        per_stream = {name: float(sums[i]) / (self.per_step[name] * self.groups.dims.dp)
+                      for i, name in enumerate(names)}
         total = sum(getattr(self.cfg.data, n).loss_multiplier * v for n, v in per_stream.items())
-        metrics.update(loss=total, **{f"loss_{n}": v for n, v in per_stream.items()})
-        return metrics
+        bad = bad or not torch.isfinite(torch.tensor(total)).item()
+        return {"lr": lr, "bad": bad, "loss": total, **{f"loss_{n}": v for n, v in per_stream.items()}}
 
     # ------------------------------------------------------------------ the loop
 
@@ -263,7 +296,8 @@ class Trainer:
         tick = time.perf_counter()
         while c.step < cfg.train.steps:
             micro_batches = next(batches)
-            stats = torch.tensor([sum(x) for x in zip(*map(_batch_stats, micro_batches))], dtype=torch.float64)
+            stats = torch.tensor([sum(x) for x in zip(*map(_batch_stats, micro_batches))], dtype=torch.float64,
+                                 device=self.device)
             metrics = self.train_step(micro_batches)
             dist.all_reduce(stats, group=self.groups.dp)
             c.step += 1
@@ -276,6 +310,9 @@ class Trainer:
                 c.skipped_in_a_row = 0
             c.samples += int(stats[0])
             elapsed, tick = time.perf_counter() - tick, time.perf_counter()
+            if self.progress is not None:
+                self.progress.update(1)
+                self.progress.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
             if c.step % cfg.logging.every == 0 or c.step == cfg.train.steps:
                 self._log(metrics, stats, elapsed)
             stop = self._any_rank(self.preemption.requested)
@@ -296,10 +333,18 @@ class Trainer:
                   "skipped_steps": self.counters.skipped_steps, "skipped_samples": self.loader.skipped()}
         self.logger.log(self.counters.step, record)
         if self.groups.rank == 0:
-            print(f"step {self.counters.step}/{self.cfg.train.steps} loss {metrics['loss']:.4f} "
-                  f"lr {metrics['lr']:.2e} {samples / elapsed:.1f} samples/s", flush=True)
+            streams = " ".join(f"{k.removeprefix('loss_')} {v:.4f}" for k, v in metrics.items()
+                               if k.startswith("loss_"))
+            line = (f"step {self.counters.step}/{self.cfg.train.steps} loss {metrics['loss']:.4f} ({streams}) "
+                    f"lr {metrics['lr']:.2e} {samples / elapsed:.1f} samples/s")
+            if self.progress is not None:
+                self.progress.write(line)
+            else:
+                print(line, flush=True)
 
     def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
         self.logger.close()
 
 

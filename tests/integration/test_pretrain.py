@@ -45,8 +45,8 @@ def _overrides(assets, out: Path, extra=()) -> list[str]:
             f"train.output_dir={out}", *extra]
 
 
-def _launch(assets, out: Path, extra=(), ranks: int = 2) -> subprocess.Popen:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+def _launch(assets, out: Path, extra=(), ranks: int = 2, env=None) -> subprocess.Popen:
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", **(env or {}))
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
            "--master_port", str(29500 + os.getpid() % 1000), "launcher/pretrain.py",
            "--config", "configs/tiny.yaml", *_overrides(assets, out, extra)]
@@ -121,18 +121,47 @@ def test_resume_is_exact(assets, reference, sig):
         assert torch.equal(want[key], have[key]), key
 
 
-def test_killed_save_leaves_previous_checkpoint_used(assets, reference):
-    """A save killed midway leaves only a staging dir; resume takes the last committed checkpoint."""
-    out = assets[0] / "killed-save"
-    _kill_after_checkpoint(assets, out, step=2, sig=signal.SIGKILL)
-    good = latest_checkpoint(out / "checkpoints")
-    partial = out / "checkpoints" / staging_name(int(good.name.split("_")[1]) + 1)
-    partial.mkdir()
-    (partial / "mp_rank_00_model_states.pt").write_bytes(b"truncated")  # what a killed writer leaves
-    assert latest_checkpoint(out / "checkpoints") == good
-    _run(assets, out)
-    assert _losses(out)[STEPS] == pytest.approx(_losses(reference)[STEPS], rel=1e-6)
-    assert not partial.exists()
+# Put on the ranks' PYTHONPATH: torch.save of step 4's per-rank extra state (written after DeepSpeed's
+# own files, before the commit) announces itself and hangs, so the test can SIGKILL inside the save.
+HANG_IN_SAVE = """
+import os
+if os.environ.get("MF_TEST_HANG_IN_SAVE"):
+    import time
+    import torch
+    _save = torch.save
+    def save(obj, f, *args, **kwargs):
+        if ".staging_00000004" in str(f) and "extra_rank" in str(f):
+            with open(os.environ["MF_TEST_HANG_IN_SAVE"], "a") as marker:
+                marker.write(str(f) + "\\n")
+            time.sleep(600)
+        return _save(obj, f, *args, **kwargs)
+    torch.save = save
+"""
+
+
+def test_sigkill_during_a_save_leaves_previous_checkpoint_used(assets, reference, tmp_path):
+    """SIGKILL while step 4 is being saved: step 2 stays the latest, resume uses it, the run ends exact."""
+    out = assets[0] / "killed-in-save"
+    hook, marker = tmp_path / "hook", tmp_path / "in-save"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(HANG_IN_SAVE)
+    proc = _launch(assets, out, env={"PYTHONPATH": str(hook), "MF_TEST_HANG_IN_SAVE": str(marker)})
+    deadline = time.time() + 600
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert marker.exists(), (out.parent / f"{out.name}.log").read_text()[-3000:]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=120)
+    staging = out / "checkpoints" / staging_name(4)
+    assert (staging / "mp_rank_00_model_states.pt").is_file()  # DeepSpeed's part of the save was written
+    assert latest_checkpoint(out / "checkpoints").name == "step_00000002"
+    _run(assets, out)  # resumes from step 2
+    ref, got = _losses(reference), _losses(out)
+    for step in range(3, STEPS + 1):
+        assert got[step] == pytest.approx(ref[step], rel=1e-6, abs=0), (step, got[step], ref[step])
+    want, have = _final_trainable(reference), _final_trainable(out)
+    assert want.keys() == have.keys() and all(torch.equal(want[k], have[k]) for k in want)
+    assert not staging.exists()
 
 
 def test_config_errors_exit_2_with_one_line(assets, tmp_path):
