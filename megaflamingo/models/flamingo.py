@@ -84,6 +84,12 @@ class Flamingo(nn.Module):
         Returns:
             logits (B, T, V).
         """
+        return self.lm.logits(self.hidden_states(vision_x, input_ids, attention_mask))
+
+    def hidden_states(self, vision_x: torch.Tensor, input_ids: torch.Tensor,
+                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`forward` without the LM head: the last decoder layer's output (B, T, D) (decoding
+        needs the logits of the last position only)."""
         media = self.encode_media(vision_x)  # (B, M, N, Dv)
         text_time = self.text_time(input_ids)  # (B, T)
         h = self.lm.embed(input_ids)  # (B, T, D)
@@ -93,7 +99,7 @@ class Flamingo(nn.Module):
             if block is not None:
                 h = block(h, media, text_time)
             h = layer(h, ctx)
-        return self.lm.logits(h)
+        return h
 
 
 def resolve_token_ids(cfg: ModelConfig) -> ModelConfig:
