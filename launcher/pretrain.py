@@ -6,7 +6,8 @@
 
 Overrides are dotted `key=value` pairs (`optim.lr=3e-4 parallel.tp=2`). The run resumes from the
 newest checkpoint in train.output_dir unless `--resume none`; `--resume DIR` picks one. A config
-error or an illegal parallel layout exits with code 2 and one line, before any rank starts work.
+error or an illegal parallel layout exits with code 2 and one line, before any rank starts work;
+too many NaN/Inf steps in a row exit with code 1 and one line.
 """
 
 from __future__ import annotations
@@ -31,9 +32,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         resume = args.resume or cfg.checkpoint.resume or "auto"
-        from megaflamingo.training.loop import run
+        from megaflamingo.training.loop import TrainingAborted, run
 
-        return run(cfg, resume=None if resume == "none" else resume)
+        try:
+            return run(cfg, resume=None if resume == "none" else resume)
+        except TrainingAborted as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
     except (ConfigError, ShardNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

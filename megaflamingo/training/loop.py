@@ -47,6 +47,10 @@ class Counters:
     samples: int = 0
 
 
+class TrainingAborted(RuntimeError):
+    """Too many NaN/Inf steps in a row (`train.max_skipped_steps_in_a_row`): every rank stops."""
+
+
 class Preemption:
     """SIGTERM / SIGINT set a flag; the loop saves at the next step boundary and exits cleanly."""
 
@@ -305,7 +309,9 @@ class Trainer:
                 c.skipped_steps += 1
                 c.skipped_in_a_row += 1
                 if c.skipped_in_a_row > cfg.train.max_skipped_steps_in_a_row:
-                    raise RuntimeError(f"{c.skipped_in_a_row} steps in a row had a NaN/Inf loss; aborting")
+                    raise TrainingAborted(f"{c.skipped_in_a_row} steps in a row had a NaN/Inf loss (step "
+                                          f"{c.step}; train.max_skipped_steps_in_a_row="
+                                          f"{cfg.train.max_skipped_steps_in_a_row}); aborting without saving")
             else:
                 c.skipped_in_a_row = 0
             c.samples += int(stats[0])

@@ -57,6 +57,22 @@ def assets(tmp_path_factory):
     return base, tok, script
 
 
+def _args(assets, out: Path, *extra: str) -> list[str]:
+    """pretrain.py arguments: tiny.yaml on the easy-vqa shards, 3 steps, a checkpoint after each."""
+    base, tok, _ = assets
+    return ["--config", "configs/tiny.yaml", f"model.tokenizer={tok}",
+            f"data.laion.shards={base}/data/laion/*.tar", f"data.mmc4.shards={base}/data/mmc4/*.tar",
+            "data.mmc4_options.min_image_bytes=0", "data.laion.batch_size=2", "data.mmc4.batch_size=2",
+            "data.mmc4.seq_len=64", "train.steps=3", "checkpoint.every=1", "checkpoint.keep_last=3",
+            f"train.output_dir={out}", *extra]
+
+
+def _env() -> dict:
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    env.pop("RANK", None)
+    return env
+
+
 def _trainable(ckpt: Path) -> dict[str, torch.Tensor]:
     """Every trainable tensor of a checkpoint, whatever its layout (plain, ZeRO-3, pipeline)."""
     layers = sorted(ckpt.glob("layer_*-model_states.pt"))
@@ -75,13 +91,8 @@ def _trainable(ckpt: Path) -> dict[str, torch.Tensor]:
 def test_nan_step_is_skipped_and_counted(assets, zero, pp):
     base, tok, script = assets
     out = base / f"run-z{zero}-pp{pp}"
-    args = ["--config", "configs/tiny.yaml", f"model.tokenizer={tok}",
-            f"data.laion.shards={base}/data/laion/*.tar", f"data.mmc4.shards={base}/data/mmc4/*.tar",
-            "data.mmc4_options.min_image_bytes=0", "data.laion.batch_size=2", "data.mmc4.batch_size=2",
-            "data.mmc4.seq_len=64", "train.steps=3", "checkpoint.every=1", "checkpoint.keep_last=3",
-            f"parallel.zero_stage={zero}", f"parallel.pp={pp}", "optim.lr=1e-2", f"train.output_dir={out}"]
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    env.pop("RANK", None)
+    args = _args(assets, out, f"parallel.zero_stage={zero}", f"parallel.pp={pp}", "optim.lr=1e-2")
+    env = _env()
     if pp == 1:
         cmd = [sys.executable, str(script), *args]
     else:  # one rank per stage, under the deepspeed launcher
@@ -111,3 +122,16 @@ def test_nan_step_is_skipped_and_counted(assets, zero, pp):
         names = load_trainable_weights(model, out / "checkpoints" / "step_00000003")
         params, saved = dict(model.named_parameters()), {k.removeprefix("model."): v for k, v in three.items()}
         assert names and all(torch.equal(params[n], saved[n]) for n in names)
+
+
+def test_too_many_nan_steps_in_a_row_abort_with_one_line(assets):
+    base, _, script = assets
+    out = base / "run-abort"
+    args = _args(assets, out, "train.max_skipped_steps_in_a_row=0")
+    proc = subprocess.run([sys.executable, str(script), *args], cwd=ROOT, env=_env(), capture_output=True,
+                          text=True, timeout=600)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert len(errors) == 1 and "1 steps in a row had a NaN/Inf loss (step 2;" in errors[0]
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_00000001"]  # nothing after
