@@ -64,7 +64,8 @@ def greedy_generate(model, images: torch.Tensor, input_ids: torch.Tensor, attent
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
     out = []
     for _ in range(max_new_tokens):
-        logits = model.lm.logits(model.hidden_states(images, input_ids, attention_mask)[:, -1:])[:, 0]  # (B, V)
+        last = model.hidden_states(images, input_ids, attention_mask)[:, -1:]  # (B, 1, D)
+        logits = model.lm.logits(last)[:, 0]  # (B, V): the head on the last position only
         nxt = torch.where(done, torch.full_like(done, eos_token_id, dtype=torch.long), logits.argmax(-1))
         out.append(nxt)
         done |= nxt == eos_token_id

@@ -147,19 +147,20 @@ class PipelineHead(StageLayer):
 class PipelineLoss:
     """loss_fn(outputs, labels) for DeepSpeed: labels = (labels (B, T), loss_weight (B,)).
 
-    Every loss it computes is also appended (detached) to `recorded`, in micro-batch order, so the
-    training loop can report per-stream losses; the loop clears it around each step.
+    While `recorded` is a list (the training loop sets one per step, to report per-stream losses),
+    every loss computed is also appended to it, detached, in micro-batch order; None records nothing.
     """
 
     def __init__(self, loss: LossFn, vocab_group, vocab_start: int) -> None:
         self.loss, self.vocab_group, self.vocab_start = loss, vocab_group, vocab_start
         self.__name__ = getattr(loss, "__name__", "loss")
-        self.recorded: list[torch.Tensor] = []
+        self.recorded: list[torch.Tensor] | None = None
 
     def __call__(self, logits: torch.Tensor, labels: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         loss = self.loss(logits, labels[0], labels[1], vocab_group=self.vocab_group,
                          vocab_start=self.vocab_start)
-        self.recorded.append(loss.detach())
+        if self.recorded is not None:
+            self.recorded.append(loss.detach())
         return loss
 
 

@@ -260,8 +260,8 @@ def guard_pipeline_step(engine) -> None:
 
     `train_batch` steps the optimizer inside DeepSpeed's schedule. ZeRO-1 already skips a step
     whose gradient norm is not finite (its gradients live in its partitions by then); a ZeRO-0
-    engine would clip and apply the NaNs, so for ZeRO-0 the step is wrapped: each rank checks its trainable
-    gradients, the flag is reduced over the world, and a bad step only zeroes the gradients.
+    engine would clip and apply the NaNs, so for ZeRO-0 the step is wrapped: each rank checks its
+    trainable gradients, the flag is reduced over the world, and a bad step only zeroes them.
     """
     if engine.zero_optimization_stage() > 0:
         return

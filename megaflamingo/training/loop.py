@@ -116,6 +116,12 @@ def _batch_stats(batch: dict) -> tuple[int, int, int]:
     return images.shape[0], int(batch["attention_mask"].sum()), real_images
 
 
+def _unweighted(loss: torch.Tensor, batch: dict) -> torch.Tensor:
+    """A micro-batch's loss without its stream weight (the per-sample `loss_weight`, same for all)."""
+    weight = float(batch["loss_weight"][0])
+    return loss.float() / weight if weight else loss.float()
+
+
 # ----------------------------------------------------------------------------- the trainer
 
 
@@ -169,7 +175,8 @@ class Trainer:
         if groups.rank == 0 and sys.stderr.isatty():  # a live bar on terminals; log lines either way
             from tqdm import tqdm
 
-            self.progress = tqdm(total=cfg.train.steps, initial=self.counters.step, unit="step", dynamic_ncols=True)
+            self.progress = tqdm(total=cfg.train.steps, initial=self.counters.step, unit="step",
+                                 dynamic_ncols=True)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -237,14 +244,15 @@ class Trainer:
         """
         from megaflamingo.training.engine import pipeline_item
 
-        recorded = self.engine.module.loss_fn.recorded
-        recorded.clear()
-        self.engine.train_batch(iter([pipeline_item(b) for b in micro_batches]))
+        loss_fn = self.engine.module.loss_fn
+        loss_fn.recorded = recorded = []
+        try:
+            self.engine.train_batch(iter([pipeline_item(b) for b in micro_batches]))
+        finally:
+            loss_fn.recorded = None
         losses: dict[str, list] = {name: [] for name in self.weight_scale}
         for name, batch, loss in zip(self.order, micro_batches, recorded):
-            weight = float(batch["loss_weight"][0])
-            losses[name].append(loss.float() / weight if weight else loss.float())
-        recorded.clear()
+            losses[name].append(_unweighted(loss, batch))
         return losses
 
     def _run_micro_batches(self, micro_batches: list[dict]) -> tuple[dict[str, list], bool]:
@@ -260,8 +268,7 @@ class Trainer:
             loss = self.engine(**batch)
             bad = self._any_rank(not bool(torch.isfinite(loss.detach()).all())) or bad
             self.engine.backward(self._zero_loss() if bad else loss)
-            weight = float(batch["loss_weight"][0])
-            losses[name].append(loss.detach().float() / weight if weight else loss.detach().float())
+            losses[name].append(_unweighted(loss.detach(), batch))
             if bad and self.engine.is_gradient_accumulation_boundary():
                 self._set_lr(0.0)
             self.engine.step()

@@ -23,7 +23,8 @@ def test_converted_directory_gives_the_gguf_models_logits(gguf, tmp_path):
 
     out = gguf_to_hf_dir(gguf, tmp_path / "smollm2")
     stamp = (out / "model.safetensors").stat().st_mtime_ns
-    assert gguf_to_hf_dir(gguf, out) == out and (out / "model.safetensors").stat().st_mtime_ns == stamp  # reused
+    assert gguf_to_hf_dir(gguf, out) == out  # a second call reuses the directory
+    assert (out / "model.safetensors").stat().st_mtime_ns == stamp
 
     reference = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name).eval()
     ref_tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
