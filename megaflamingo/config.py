@@ -36,7 +36,20 @@ class VisionConfig:
     open_clip_config: Optional[dict] = None
     """An inline open_clip model config ({"embed_dim":..., "vision_cfg": {...}}), for tiny towers."""
     weights: Optional[str] = None
-    """Local open_clip checkpoint file (state dict of the CLIP model or of its `visual`). None: random."""
+    """Local open_clip checkpoint file (state dict of the CLIP model or of its `visual`). None: random.
+    For kind "timm": the timm model's state dict (names, or the same tensors in the same order)."""
+    kind: str = "open_clip"
+    """"open_clip" (ViT patch tokens before ln_post) or "timm" (a CNN feature map as tokens)."""
+    timm_model: Optional[str] = None
+    """kind "timm": the timm architecture, e.g. "efficientnet_lite0"."""
+    stage: int = -1
+    """kind "timm": which feature map (index into the model's feature_info; -1: the last)."""
+    image_size: Optional[int] = None
+    """kind "timm": the tower's input side; images of another size are resized in the tower."""
+    mean: Optional[list] = None
+    """kind "timm": the tower's input normalisation mean (None: timm's pretrained_cfg)."""
+    std: Optional[list] = None
+    """kind "timm": the tower's input normalisation std (None: timm's pretrained_cfg)."""
 
 
 @dataclass
@@ -88,6 +101,8 @@ class PerceiverConfig:
     dim_head: int = 64
     num_latents: int = 64
     ff_mult: int = 4
+    latent_init_std: float = 1.0
+    """Std of the latents' normal init (OpenFlamingo: 1.0, torch.randn)."""
 
 
 @dataclass
@@ -97,6 +112,8 @@ class XAttnConfig:
     heads: int = 8
     dim_head: int = 64
     ff_mult: int = 4
+    gate_init: float = 0.0
+    """Initial value of every attn/ff gate before tanh (OpenFlamingo: 0, the block starts as identity)."""
 
 
 @dataclass
@@ -117,6 +134,8 @@ class ModelConfig:
     """Local HF tokenizer dir; `<image>`, `<|endofchunk|>`, `<PAD>` are added as OpenFlamingo does."""
     cross_attn_every_n_layers: int = 1
     perceiver: PerceiverConfig = field(default_factory=PerceiverConfig)
+    resampler: str = "perceiver"
+    """"perceiver" (OpenFlamingo) or "none" (LayerNorm of the tower tokens are the media)."""
     xattn: XAttnConfig = field(default_factory=XAttnConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
     vocab_size: Optional[int] = None
@@ -166,6 +185,8 @@ class StreamConfig:
     """Draw shards with replacement per reader and epoch (OpenFlamingo --dataset_resampled)."""
     shuffle_buffer: int = 0
     """Shuffle samples inside each shard in blocks of this many (0 or 1: file order)."""
+    answer_only_loss: bool = False
+    """VQA-style captions "Question:{q} Short answer:{a}": loss on the answer (and what follows) only."""
 
 
 @dataclass
@@ -207,6 +228,9 @@ class OptimConfig:
     schedule: str = "constant"
     """"constant", "linear" or "cosine", each with linear warmup."""
     warmup_steps: int = 0
+    lr_multipliers: dict = field(default_factory=dict)
+    """{name part: factor}: trainable parameters whose name contains the part train at lr x factor
+    (e.g. {"_gate": 10.0}); the first matching part wins."""
 
 
 @dataclass
@@ -217,6 +241,12 @@ class TrainConfig:
     """"fp32" or "bf16"."""
     seed: int = 42
     max_skipped_steps_in_a_row: int = 10
+    probe_data: Optional[str] = None
+    """A VQA-format jsonl: every `probe_every` steps, rank 0 logs the answer loss on it with real
+    and with blank images (`probe/answer_loss_real`, `probe/answer_loss_blank`)."""
+    probe_every: int = 0
+    probe_limit: int = 64
+    """Questions of probe_data used by the probe."""
 
 
 @dataclass
@@ -387,10 +417,17 @@ def _check_path(path: Optional[str], key: str) -> None:
 def validate_model(m: ModelConfig) -> None:
     """Check a model config: paths exist, sizes are consistent, choices are known."""
     v, lm = m.vision, m.lm
-    _check(
-        (v.open_clip_model is None) != (v.open_clip_config is None),
-        "model.vision: set exactly one of open_clip_model or open_clip_config",
-    )
+    _check(v.kind in ("open_clip", "timm"), f"model.vision.kind: expected open_clip or timm, got '{v.kind}'")
+    if v.kind == "timm":
+        _check(v.timm_model is not None and v.image_size is not None,
+               "model.vision: kind timm needs timm_model and image_size")
+    else:
+        _check(
+            (v.open_clip_model is None) != (v.open_clip_config is None),
+            "model.vision: set exactly one of open_clip_model or open_clip_config",
+        )
+    _check(m.resampler in ("perceiver", "none"),
+           f"model.resampler: expected perceiver or none, got '{m.resampler}'")
     _check_path(v.weights, "model.vision.weights")
     _check_path(lm.hf_path, "model.lm.hf_path")
     _check_path(m.tokenizer, "model.tokenizer")
