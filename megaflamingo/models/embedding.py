@@ -50,9 +50,10 @@ class TokenEmbedding(nn.Module):
         self.num_embeddings, self.dim = num_embeddings, dim
         self.weight = nn.Parameter(torch.empty(num_embeddings, dim))
         nn.init.normal_(self.weight, std=0.02)
-        ids = torch.tensor(sorted(trainable_ids), dtype=torch.long)
-        if ids.numel() and (ids.min() < 0 or ids.max() >= num_embeddings):
-            raise ValueError(f"trainable ids {ids.tolist()} out of range for {num_embeddings} rows")
+        ordered = sorted(trainable_ids)  # checked in Python: also builds on the meta device
+        if ordered and (ordered[0] < 0 or ordered[-1] >= num_embeddings):
+            raise ValueError(f"trainable ids {ordered} out of range for {num_embeddings} rows")
+        ids = torch.tensor(ordered, dtype=torch.long)
         slot = torch.full((num_embeddings,), -1, dtype=torch.long)
         slot[ids] = torch.arange(ids.numel())
         self.register_buffer("trainable_ids", ids, persistent=False)
