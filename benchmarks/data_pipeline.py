@@ -63,9 +63,10 @@ def ours(cfg, name: str, tokenizer) -> dict:
     loader = build_stream_loader(cfg, name, tokenizer, 0, 1)
 
     def one_epoch():
-        for batch in loader:
-            yield batch
-            if min(p["epoch"] for p in loader.state_dict()["positions"]) >= 1:
+        for step in loader:
+            yield from step
+            readers = loader.state_dict()["readers"].values()
+            if min(r["position"]["epoch"] for r in readers) >= 1:
                 return
 
     return timed(one_epoch(), flamingo_token_ids(tokenizer).media_token_id,

@@ -216,6 +216,9 @@ class DataConfig:
     """Image side; None: the vision tower's."""
     workers: int = 0
     seed: int = 42
+    canonical_readers: int = 0
+    """Virtual readers that deal every global batch (data/dealing.py); must divide each stream's
+    batch_size and be divisible by every dp the run uses; 0: the gcd of the batch sizes."""
 
 
 @dataclass

@@ -1,18 +1,22 @@
-"""Training data loaders: one stream per DP rank (`StreamLoader`), and the per-step mix (`TrainLoader`).
+"""Training data loaders: one rank's slice of every global batch of a stream (`StreamLoader`), and
+the per-step mix of the streams (`TrainLoader`).
 
     loader = build_train_loader(cfg, tokenizer, dp_rank, dp_size)
     for step_batches in loader:          # one optimizer step: a list of micro-batch dicts
         ...
-    state = loader.state_dict()          # save with the checkpoint
+    state = loader.state_dict()          # this rank's readers; merge_states(all ranks) = global
     loader = build_train_loader(cfg, tokenizer, dp_rank, dp_size, state=state)  # exact resume
     loader.skipped()                     # {"laion": {"bad_image": 3, ...}, "mmc4": {...}}
 
-Each DataLoader worker w of DP rank r is reader r + dp_size * w of the stream's plan
-(sharding.py). Workers yield (micro-batch, reader, position after, skip counts); torch's
-DataLoader returns worker batches strictly round-robin, so the main process knows each reader's
-position for everything it has handed out. The state is those positions plus which reader comes
-next; a restored loader renumbers its workers so that worker 0 plays that reader, and yields the
-same micro-batches the original would have yielded. Streams are infinite (epoch after epoch).
+Which samples form a step does not depend on dp or the worker count (dealing.py): C canonical
+readers deal each global batch, a DP rank reads only the readers of its slice, its DataLoader
+workers split those readers into consecutive runs. Each worker yields, per step, the chunks
+(batch_size / C samples) of its readers collated into one batch, with each reader's position
+after its chunk; torch's DataLoader
+returns worker items strictly round-robin, so the main process assembles a step from one item of
+each worker and knows every reader's position for everything it has handed out. The state is
+those positions (and skip counts), one per reader, so it resumes on any layout. Streams are
+infinite (epoch after epoch).
 
 Deliberate differences from OpenFlamingo's loaders (reference §4.1, §4.7.9), for determinism and
 exact resume: the shard order of an epoch comes from (seed, epoch) instead of a seeded 2000-shard
@@ -29,59 +33,57 @@ import random
 import weakref
 from collections import Counter
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
+import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from megaflamingo.config import Config, ConfigError, MMC4Options, StreamConfig
+from megaflamingo.config import Config, ConfigError, StreamConfig
 from megaflamingo.data.batching import Sample, SkipSample, TextEncoder, collate
+from megaflamingo.data.dealing import (STATE_FORMAT, canonical_count, rank_readers,
+                                       worker_readers)
 from megaflamingo.data.images import ImageTransform, build_image_transform
-from megaflamingo.data.laion import preprocess_laion
-from megaflamingo.data.mmc4 import preprocess_mmc4
 from megaflamingo.data.sharding import MAX_EMPTY_EPOCHS, Position, StreamPlan, iter_reader
 from megaflamingo.data.shards import expand_shards
-from megaflamingo.data.tokenizer import FlamingoTokens, flamingo_token_ids
-
-STREAMS = ("laion", "mmc4")
-STATE_FORMAT = 1
+from megaflamingo.data.streams import (PreprocessContext, global_batch_sizes, require_streams,
+                                       stream_config, stream_kind, stream_options)
+from megaflamingo.data.tokenizer import flamingo_token_ids
 
 
 @dataclass
 class StreamSpec:
-    """Everything a worker needs to produce one stream's micro-batches (picklable)."""
+    """Everything a worker needs to produce one stream's chunks (picklable)."""
 
     name: str
     plan: StreamPlan
-    dp_rank: int
-    dp_size: int
-    num_workers: int
-    micro_batch_size: int
+    """The reading plan over the C canonical readers."""
+    chunk_size: int
+    """Samples each reader adds to each global batch: batch_size / C."""
     seq_len: int
     max_num_media: int
     loss_weight: float
-    mmc4: MMC4Options
+    options: Any = None
 
 
 class SampleSource:
-    """Preprocesses raw samples of one stream (LAION pairs or MMC4 documents)."""
+    """Preprocesses raw samples of one stream (its kind's function from the stream table)."""
 
     def __init__(self, spec: StreamSpec, tokenizer, transform: ImageTransform) -> None:
         self.spec = spec
-        self.encoder = TextEncoder(tokenizer, spec.seq_len)
-        self.tokens: FlamingoTokens = flamingo_token_ids(tokenizer)
-        self.eos_token = tokenizer.eos_token
+        self.preprocess_fn = stream_kind(spec.name).preprocess
+        self.context = PreprocessContext(TextEncoder(tokenizer, spec.seq_len),
+                                         flamingo_token_ids(tokenizer), tokenizer.eos_token,
+                                         spec.max_num_media, spec.options)
         self.transform = transform
 
     def preprocess(self, fields: dict, rng: random.Random, notes: Counter) -> Sample:
         """Raw fields -> Sample, or raise SkipSample; images dropped inside go to `notes`."""
-        if self.spec.name == "laion":
-            return preprocess_laion(fields, self.encoder, self.tokens, self.eos_token, rng)
-        return preprocess_mmc4(fields, self.encoder, self.tokens, self.eos_token, self.spec.mmc4,
-                               self.spec.max_num_media, rng, notes)
+        return self.preprocess_fn(fields, self.context, rng, notes)
 
-    def batches(self, reader: int, position: Position,
-                skipped: dict) -> Iterator[tuple[dict, Position, dict, list]]:
-        """Yield (micro-batch, position after, cumulative skip counts, sample keys) forever."""
+    def chunks(self, reader: int, position: Position,
+               skipped: dict) -> Iterator[tuple[list, Position, dict, list]]:
+        """Yield (the reader's next `chunk_size` samples, position after, cumulative skip counts,
+        sample keys) of one reader, forever: its share of each global batch."""
         counts, batch, keys = Counter(skipped), [], []
         plan, empty_epochs, epoch_seen = self.spec.plan, 0, position.epoch
         for after, unit, epoch, raw in iter_reader(plan, reader, position):
@@ -97,9 +99,8 @@ class SampleSource:
             empty_epochs = 0
             batch.append(sample)
             keys.append(f"{plan.shards[unit.shard]}#{raw.key}")
-            if len(batch) == self.spec.micro_batch_size:
-                out = collate(batch, self.transform, self.spec.max_num_media, self.spec.loss_weight)
-                yield out, after, dict(counts), keys
+            if len(batch) == self.spec.chunk_size:
+                yield batch, after, dict(counts), keys
                 batch, keys = [], []
 
     def _sample_or_count(self, raw, rng: random.Random, counts: Counter) -> Optional[Sample]:
@@ -117,48 +118,69 @@ class SampleSource:
 
 
 class _ReaderDataset(IterableDataset):
-    """The IterableDataset each DataLoader worker runs: one reader of the stream."""
+    """What each DataLoader worker runs: per step, its (consecutive) readers' chunks, collated
+    into one batch, with each reader's position after it."""
 
-    def __init__(self, source: SampleSource, positions: list, skipped: list, offset: int) -> None:
-        self.source, self.positions, self.skipped, self.offset = source, positions, skipped, offset
+    def __init__(self, source: SampleSource, groups: list[list[int]], positions: dict,
+                 skipped: dict) -> None:
+        self.source, self.groups, self.positions, self.skipped = source, groups, positions, skipped
 
     def __iter__(self):
         info = get_worker_info()
-        slot = ((info.id if info is not None else 0) + self.offset) % len(self.positions)
-        spec = self.source.spec
-        reader = spec.dp_rank + spec.dp_size * slot
-        for batch, after, counts, keys in self.source.batches(reader, self.positions[slot],
-                                                              self.skipped[slot]):
-            yield batch, slot, after.to_dict(), counts, keys
+        readers = self.groups[info.id if info is not None else 0]
+        streams = [self.source.chunks(v, self.positions[v], self.skipped[v]) for v in readers]
+        spec, transform = self.source.spec, self.source.transform
+        while True:
+            samples, states, keys = [], [], []
+            for reader, stream in zip(readers, streams):
+                chunk, after, counts, chunk_keys = next(stream)
+                samples += chunk
+                keys += chunk_keys
+                states.append((reader, after.to_dict(), counts))
+            yield (collate(samples, transform, spec.max_num_media, spec.loss_weight), states,
+                   keys)
 
 
 def _as_is(item):
     return item
 
 
+def _cut(chunks: list[dict], micro: int) -> list[dict]:
+    """Concatenate the workers' batches (in reader order) and cut the slice into micro-batches."""
+    whole = chunks[0] if len(chunks) == 1 else {
+        key: torch.cat([c[key] for c in chunks]) for key in chunks[0]}
+    count = next(iter(whole.values())).shape[0] // micro
+    return [{k: v[i * micro:(i + 1) * micro] for k, v in whole.items()} for i in range(count)]
+
+
 class StreamLoader:
-    """Infinite, resumable micro-batches of one stream for one DP rank.
+    """Infinite, resumable: per step, one DP rank's micro-batches of one stream.
 
     Args:
         source: the stream's preprocessing (spec, tokenizer, transform).
-        state: a `state_dict()` to resume from (None: the start).
+        readers: the canonical readers this rank reads (dealing.rank_readers).
+        workers: DataLoader workers (0: read in the main process).
+        micro_batch_size: samples per micro-batch.
+        state: a `state_dict()` (this rank's, or a merged global one) to resume from.
     """
 
-    def __init__(self, source: SampleSource, state: Optional[dict] = None) -> None:
+    def __init__(self, source: SampleSource, readers: list[int], workers: int,
+                 micro_batch_size: int, state: Optional[dict] = None) -> None:
         self.source = source
         self.spec = source.spec
-        slots = max(1, self.spec.num_workers)
-        self._positions = [Position() for _ in range(slots)]
-        self._skipped: list[dict] = [{} for _ in range(slots)]
-        self._next_slot = 0
+        self.readers, self.micro_batch_size = list(readers), micro_batch_size
+        self.groups = worker_readers(self.readers, workers)
+        self.workers = len(self.groups) if workers else 0
+        self._positions = {v: Position() for v in self.readers}
+        self._skipped: dict[int, dict] = {v: {} for v in self.readers}
         self._iterator = None
         self.last_keys: list[str] = []
-        """"shard#key" of each sample of the last micro-batch handed out."""
+        """"shard#key" of each sample of the last step handed out, in slice order."""
         if state is not None:
             self.load_state_dict(state)
 
-    def __iter__(self) -> Iterator[dict]:
-        """Micro-batches from the current state on; starting a new iteration ends the previous one."""
+    def __iter__(self) -> Iterator[list[dict]]:
+        """Per step, the rank's micro-batches; starting a new iteration ends the previous one."""
         self._close_previous()
         iterator = self._run()
         self._iterator = weakref.ref(iterator)  # weak: a generator <-> loader cycle delays shutdown
@@ -170,54 +192,60 @@ class StreamLoader:
             previous.close()
         self._iterator = None
 
-    def _run(self) -> Iterator[dict]:
-        dataset = _ReaderDataset(self.source, list(self._positions), list(self._skipped),
-                                 self._next_slot)
-        workers = self.spec.num_workers
-        batches = iter(DataLoader(dataset, batch_size=None, num_workers=workers,
-                                  collate_fn=_as_is, prefetch_factor=2 if workers else None))
+    def _run(self) -> Iterator[list[dict]]:
+        dataset = _ReaderDataset(self.source, self.groups, dict(self._positions),
+                                 dict(self._skipped))
+        items = iter(DataLoader(dataset, batch_size=None, num_workers=self.workers,
+                                collate_fn=_as_is, prefetch_factor=2 if self.workers else None))
         try:
-            for batch, slot, after, counts, keys in batches:
-                self._positions[slot] = Position(**after)
-                self._skipped[slot] = counts
-                self._next_slot = (slot + 1) % len(self._positions)
-                self.last_keys = keys
-                yield batch
+            while True:
+                parts = [next(items) for _ in self.groups]  # one per worker, round-robin
+                for _, states, _ in parts:
+                    for reader, after, counts in states:
+                        self._positions[reader], self._skipped[reader] = Position(**after), counts
+                self.last_keys = [key for _, _, keys in parts for key in keys]
+                yield _cut([batch for batch, _, _ in parts], self.micro_batch_size)
         finally:
-            del batches  # shuts the workers down now
+            del items  # shuts the workers down now
 
-    def _layout(self) -> dict:
+    def order_key(self) -> dict:
+        """What fixes this stream's sample order; a state must match it to load."""
         plan = self.spec.plan
-        return {"stream": self.spec.name, "dp_rank": self.spec.dp_rank, "dp_size": self.spec.dp_size,
-                "num_workers": self.spec.num_workers, "seed": plan.seed,
-                "num_shards": len(plan.shards), "micro_batch_size": self.spec.micro_batch_size}
+        return {"stream": self.spec.name, "canonical_readers": plan.num_readers, "seed": plan.seed,
+                "num_shards": len(plan.shards), "chunk_size": self.spec.chunk_size,
+                "resampled": plan.resampled, "shuffle_buffer": plan.shuffle_block}
 
     def state_dict(self) -> dict:
-        """Positions of everything handed out so far, plus skip counts (plain data)."""
-        return {"format": STATE_FORMAT, **self._layout(),
-                "positions": [p.to_dict() for p in self._positions],
-                "skipped": [dict(s) for s in self._skipped], "next_slot": self._next_slot}
+        """Position and skip counts of each of this rank's readers after what was handed out."""
+        return {"format": STATE_FORMAT, "order": self.order_key(),
+                "readers": {v: {"position": self._positions[v].to_dict(),
+                                "skipped": dict(self._skipped[v])} for v in self.readers}}
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume from `state_dict()`; the next micro-batch is the one that would have come next.
+        """Resume from a state of any layout; the next step is the one that would have come next.
 
         Raises:
-            ValueError: the state was saved with another layout (stream, DP rank/size, workers,
-                seed, shard count or micro-batch size), which would not resume exactly.
+            ValueError: the state fixes another sample order (canonical readers, seed, shard
+                count, batch size, shuffling) or lacks one of this rank's readers (a per-rank
+                state loaded on another layout: merge every rank's state first).
         """
-        saved = {k: state.get(k) for k in self._layout()}
-        if state.get("format") != STATE_FORMAT or saved != self._layout():
-            raise ValueError(f"data state does not match this loader: saved {saved}, "
-                             f"loader {self._layout()}")
-        self._positions = [Position(**p) for p in state["positions"]]
-        self._skipped = [dict(s) for s in state["skipped"]]
-        self._next_slot = int(state["next_slot"])
+        if state.get("format") != STATE_FORMAT or state.get("order") != self.order_key():
+            raise ValueError(f"data state of stream '{self.spec.name}' was saved for another "
+                             f"sample order: saved {state.get('order')} (format "
+                             f"{state.get('format')}), now {self.order_key()}")
+        missing = [v for v in self.readers if v not in state["readers"]]
+        if missing:
+            raise ValueError(f"data state of stream '{self.spec.name}' lacks reader {missing[0]} "
+                             f"(saved on another layout? merge every DP rank's state)")
+        for v in self.readers:
+            self._positions[v] = Position(**state["readers"][v]["position"])
+            self._skipped[v] = dict(state["readers"][v]["skipped"])
         self._close_previous()
 
     def skipped(self) -> dict[str, int]:
-        """Skipped samples and dropped images by reason, over all workers, for what was handed out."""
+        """Skipped samples and dropped images by reason, over this rank's readers."""
         total: Counter = Counter()
-        for counts in self._skipped:
+        for counts in self._skipped.values():
             total.update(counts)
         return dict(total)
 
@@ -247,19 +275,24 @@ class TrainLoader:
         """One list of micro-batches per optimizer step, forever, from the current state."""
         iterators = {name: iter(loader) for name, loader in self.streams.items()}
         while True:
-            yield [next(iterators[name]) for name in self.order]
+            steps = {name: iter(next(it)) for name, it in iterators.items()}
+            yield [next(steps[name]) for name in self.order]
 
     def state_dict(self) -> dict:
-        """{stream name: StreamLoader.state_dict()} (plain data, for the checkpoint)."""
+        """{stream name: StreamLoader.state_dict()} (plain data; this rank's readers)."""
         return {name: loader.state_dict() for name, loader in self.streams.items()}
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume every stream; raises ValueError if a stream's saved layout differs."""
+        """Resume every stream from a state of this rank or a merged one; ValueError if the
+        saved sample order differs or a reader is missing."""
         for name, loader in self.streams.items():
+            if name not in state:
+                raise ValueError(f"data state has no stream '{name}' (saved with streams "
+                                 f"{sorted(state)})")
             loader.load_state_dict(state[name])
 
     def skipped(self) -> dict[str, dict[str, int]]:
-        """{stream name: {reason: count}} for everything handed out so far."""
+        """{stream name: {reason: count}} for everything this rank handed out so far."""
         return {name: loader.skipped() for name, loader in self.streams.items()}
 
 
@@ -286,37 +319,35 @@ def micro_batches_per_step(stream: StreamConfig, name: str, dp_size: int) -> tup
 def build_stream_loader(cfg: Config, name: str, tokenizer, dp_rank: int, dp_size: int,
                         state: Optional[dict] = None,
                         transform: Optional[ImageTransform] = None) -> StreamLoader:
-    """The loader of one stream ("laion" or "mmc4") for DP rank `dp_rank` of `dp_size`.
+    """The loader of one stream (a name of the stream table) for DP rank `dp_rank` of `dp_size`.
 
     Args:
         cfg: the run config (data section, and model.vision for the image size).
-        name: "laion" or "mmc4".
+        name: the stream, e.g. "laion" or "mmc4".
         tokenizer: HF tokenizer with the Flamingo tokens added.
         dp_rank, dp_size: this replica's data-parallel coordinate (not the global rank).
-        state: a saved `state_dict()` to resume from.
+        state: a saved `StreamLoader.state_dict()` (this rank's, or merged) to resume from.
         transform: the image transform (default: built from the config).
     Returns:
         The loader.
     Raises:
         ShardNotFoundError: the stream's shards match no file.
-        ConfigError: the stream is off, or batch sizes do not divide.
+        ConfigError: the stream is off, or batch sizes, canonical readers and dp do not divide.
     """
-    if not 0 <= dp_rank < dp_size:
-        raise ValueError(f"dp_rank {dp_rank} is outside [0, {dp_size})")
-    stream: StreamConfig = getattr(cfg.data, name)
+    stream = stream_config(cfg, name)
     if not stream.shards:
         raise ConfigError(f"data.{name}.shards is not set")
     shards = tuple(expand_shards(stream.shards))
     micro, _ = micro_batches_per_step(stream, name, dp_size)
-    workers = cfg.data.workers
-    plan = StreamPlan(shards=shards, num_readers=dp_size * max(1, workers), seed=cfg.data.seed,
-                      stream=name, resampled=stream.resampled, shuffle_block=stream.shuffle_buffer)
-    spec = StreamSpec(name=name, plan=plan, dp_rank=dp_rank, dp_size=dp_size, num_workers=workers,
-                      micro_batch_size=micro, seq_len=stream.seq_len,
-                      max_num_media=stream.max_num_media, loss_weight=stream.loss_multiplier,
-                      mmc4=cfg.data.mmc4_options)
+    count = canonical_count(cfg.data.canonical_readers, global_batch_sizes(cfg))
+    readers = rank_readers(count, dp_rank, dp_size)
+    plan = StreamPlan(shards=shards, num_readers=count, seed=cfg.data.seed, stream=name,
+                      resampled=stream.resampled, shuffle_block=stream.shuffle_buffer)
+    spec = StreamSpec(name=name, plan=plan, chunk_size=stream.batch_size // count,
+                      seq_len=stream.seq_len, max_num_media=stream.max_num_media,
+                      loss_weight=stream.loss_multiplier, options=stream_options(cfg, name))
     source = SampleSource(spec, tokenizer, transform or build_image_transform(cfg))
-    return StreamLoader(source, state)
+    return StreamLoader(source, readers, cfg.data.workers, micro, state)
 
 
 def build_train_loader(cfg: Config, tokenizer, dp_rank: int, dp_size: int,
@@ -327,20 +358,20 @@ def build_train_loader(cfg: Config, tokenizer, dp_rank: int, dp_size: int,
         cfg: the run config.
         tokenizer: HF tokenizer with the Flamingo tokens added.
         dp_rank, dp_size: this replica's data-parallel coordinate; TP/PP peers pass the same.
-        state: a saved `TrainLoader.state_dict()`.
+        state: a saved `TrainLoader.state_dict()`, or `merge_states` of every rank's.
     Returns:
         The loader; iterating it yields one list of micro-batches per optimizer step.
     Raises:
-        ConfigError: no stream has shards, or batch sizes do not divide.
+        ConfigError: no stream has shards, or batch sizes, canonical readers and dp do not divide.
         ShardNotFoundError: a stream's shards match no file.
     """
-    names = [n for n in STREAMS if getattr(cfg.data, n).shards]
-    if not names:
-        raise ConfigError("data: set data.laion.shards and/or data.mmc4.shards")
+    names = require_streams(cfg)
     transform = build_image_transform(cfg)
     streams, per_step = {}, {}
     for name in names:
-        streams[name] = build_stream_loader(cfg, name, tokenizer, dp_rank, dp_size,
-                                            (state or {}).get(name), transform)
-        per_step[name] = micro_batches_per_step(getattr(cfg.data, name), name, dp_size)[1]
-    return TrainLoader(streams, per_step)
+        streams[name] = build_stream_loader(cfg, name, tokenizer, dp_rank, dp_size, None, transform)
+        per_step[name] = micro_batches_per_step(stream_config(cfg, name), name, dp_size)[1]
+    loader = TrainLoader(streams, per_step)
+    if state is not None:
+        loader.load_state_dict(state)
+    return loader

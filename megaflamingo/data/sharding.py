@@ -1,9 +1,9 @@
 """Which samples each reader sees, in which order, per epoch; positions; per-sample RNG.
 
-A *reader* is one (DP rank, DataLoader worker) pair; there are S = dp_size x num_workers of them
-(TP peers and pipeline stages of one replica build the same readers and so read the same data).
-Everything here is a pure function of (seed, stream, epoch), so a reader's position alone is
-enough to resume it exactly:
+A *reader* is one of the S = C canonical virtual readers of a stream (dealing.py): S depends on
+the config's batch sizes (or `data.canonical_readers`), never on dp or the worker count, which
+only decide who runs which reader. Everything here is a pure function of (seed, stream, epoch),
+so a reader's position alone is enough to resume it exactly, on any layout:
 
 - *Units.* Each shard is one unit; with fewer shards than readers, each shard is split into
   P = ceil(S / num_shards) units by sample index modulo P, so every reader has work and the units

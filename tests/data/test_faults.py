@@ -85,7 +85,7 @@ def mmc4_shard(tmp_path) -> tuple[str, set[str], dict[str, int]]:
 
 
 def run_epochs(cfg, name: str, tokenizer, batches: int) -> tuple[list[str], dict]:
-    """Keys of the first `batches` micro-batches (size 1), and the skip counts by then."""
+    """Keys of the first `batches` steps (one sample each), and the skip counts by then."""
     loader = build_stream_loader(cfg, name, tokenizer, 0, 1)
     keys = []
     for _ in itertools.islice(iter(loader), batches):
@@ -109,8 +109,8 @@ def test_bad_laion_samples_are_counted_and_good_ones_arrive(tmp_path, tokenizer_
     both = shards.replace("laion-0", "laion-{0..1}")  # + a shard that is not a tar at all
     keys, skipped = run_epochs(config(tokenizer_dir, "laion", both, 2), "laion", tokenizer,
                                3 * len(good))
-    assert set(keys) == good  # two workers, several epochs: only good pairs, all of them
-    assert set(skipped) == set(expected) | {"unreadable_shard"}  # summed over both workers
+    assert set(keys) == good  # several epochs: only good pairs, all of them
+    assert set(skipped) == set(expected) | {"unreadable_shard"}  # read in a worker process
 
 
 def test_bad_mmc4_documents_are_counted_and_good_ones_arrive(tmp_path, tokenizer_dir, tokenizer):

@@ -1,4 +1,4 @@
-"""Sharding, determinism, exact resume and per-step mixing of the training loaders."""
+"""Sharding, determinism, exact resume, layout-free global batches and per-step mixing of the loaders."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from megaflamingo.config import ConfigError
+from megaflamingo.data.dealing import merge_states
 from megaflamingo.data.loader import build_stream_loader, build_train_loader, interleave
 from megaflamingo.data.sharding import Position, StreamPlan, iter_reader
 from megaflamingo.data.shards import ShardNotFoundError, expand_shards, read_shard
@@ -72,16 +73,104 @@ def test_resume_is_exact_across_2_dp_ranks_x_2_workers(easy_vqa_dir, tokenizer_d
         assert resumed.skipped() == skipped
         assert_same_steps(take(iter(resumed), 6), expected)
         assert resumed.skipped() == first.skipped()
-        epochs = {p["epoch"] for p in state["laion"]["positions"] + state["mmc4"]["positions"]}
-        assert max(epochs) >= 1, state
+        entries = [*state["laion"]["readers"].values(), *state["mmc4"]["readers"].values()]
+        assert max(e["position"]["epoch"] for e in entries) >= 1, state
         assert sum(first.skipped()["mmc4"].values()) > 0  # the rules really reject documents
 
 
-def test_a_state_from_another_layout_is_refused(easy_vqa_dir, tokenizer_dir, tokenizer):
-    cfg = make_config(tokenizer_dir, data_section(easy_vqa_dir))
+# ----------------------------------------------------------------------------- elastic order
+
+
+def global_batches(cfg, tokenizer, dp: int, steps: int, state=None) -> tuple[list, list, dict]:
+    """The first `steps` global batches of a (dp, workers) layout, assembled from every DP rank.
+
+    Returns ({stream: batch dict} per step, every rank's state after them, summed skip counts).
+    """
+    loaders = [build_train_loader(cfg, tokenizer, r, dp, state=state) for r in range(dp)]
+    per_rank = [take(iter(loader), steps) for loader in loaders]
+    out = []
+    for t in range(steps):
+        step = {}
+        for name in loaders[0].streams:
+            parts = [mb for r, loader in enumerate(loaders)
+                     for mb, which in zip(per_rank[r][t], loader.order) if which == name]
+            step[name] = {k: torch.cat([mb[k] for mb in parts]) for k in parts[0]}
+        out.append(step)
+    skipped: dict = {}
+    for loader in loaders:
+        for name, counts in loader.skipped().items():
+            total = skipped.setdefault(name, {})
+            for reason, n in counts.items():
+                total[reason] = total.get(reason, 0) + n
+    return out, [loader.state_dict() for loader in loaders], skipped
+
+
+def assert_same_global(a: list, b: list) -> None:
+    assert len(a) == len(b)
+    for t, (step_a, step_b) in enumerate(zip(a, b)):
+        assert step_a.keys() == step_b.keys()
+        for name in step_a:
+            for key in step_a[name]:
+                assert torch.equal(step_a[name][key], step_b[name][key]), (t, name, key)
+
+
+def elastic_config(root, tokenizer_dir, workers: int):
+    data = data_section(root, workers=workers)
+    data["laion"].update(batch_size=16, micro_batch_size=None)
+    data["mmc4"].update(batch_size=8, micro_batch_size=None)
+    data["canonical_readers"] = 4
+    return make_config(tokenizer_dir, data)
+
+
+def test_global_batches_do_not_depend_on_dp_or_workers(easy_vqa_dir, tokenizer_dir, tokenizer):
+    """The same global batches (every tensor, bad samples skipped alike) on 1, 2 and 4 DP ranks
+    with 0, 1, 2 and 3 workers; the rank slices differ in content."""
+    steps = 6  # 4 laion samples per reader per step: readers cross into epoch 1
+    want, _, skipped = global_batches(elastic_config(easy_vqa_dir, tokenizer_dir, 0), tokenizer,
+                                      1, steps)
+    for dp, workers in ((2, 1), (4, 2), (1, 3)):
+        cfg = elastic_config(easy_vqa_dir, tokenizer_dir, workers)
+        got, _, got_skipped = global_batches(cfg, tokenizer, dp, steps)
+        assert_same_global(got, want)
+        assert got_skipped == skipped
+    assert sum(skipped["mmc4"].values()) > 0  # documents really are rejected along the way
+    ids = want[0]["laion"]["input_ids"]
+    assert not torch.equal(ids[:8], ids[8:])  # the halves that two DP ranks take differ
+
+
+def test_a_run_resumes_on_another_layout(easy_vqa_dir, tokenizer_dir, tokenizer):
+    """Stop a DP2 x 2-worker run, merge its ranks' states, continue on DP4 and on one rank."""
+    cfg2 = elastic_config(easy_vqa_dir, tokenizer_dir, 2)
+    want, _, _ = global_batches(elastic_config(easy_vqa_dir, tokenizer_dir, 0), tokenizer, 1, 7)
+    head, states, _ = global_batches(cfg2, tokenizer, 2, 4)
+    assert_same_global(head, want[:4])
+    merged = merge_states(states)
+    assert sorted(merged["laion"]["readers"]) == [0, 1, 2, 3]
+    for dp, workers in ((4, 1), (1, 0)):
+        cfg = elastic_config(easy_vqa_dir, tokenizer_dir, workers)
+        tail, _, _ = global_batches(cfg, tokenizer, dp, 3, state=merged)
+        assert_same_global(tail, want[4:])
+    with pytest.raises(ValueError, match="lacks reader"):  # one rank's own state on another layout
+        build_train_loader(cfg2, tokenizer, 3, 4, state=states[0])
+
+
+def test_a_state_of_another_sample_order_is_refused(easy_vqa_dir, tokenizer_dir, tokenizer):
+    cfg = elastic_config(easy_vqa_dir, tokenizer_dir, 0)
     state = build_train_loader(cfg, tokenizer, 0, 2).state_dict()
-    with pytest.raises(ValueError, match="does not match"):
-        build_train_loader(cfg, tokenizer, 0, 4, state=state)
+    other = elastic_config(easy_vqa_dir, tokenizer_dir, 0)
+    other.data.canonical_readers = 8
+    with pytest.raises(ValueError, match="another sample order"):
+        build_train_loader(other, tokenizer, 0, 2, state=state)
+    bad = merge_states([state])
+    bad["laion"]["readers"][0] = {"position": {"epoch": 9, "unit_pos": 0, "sample_pos": 0},
+                                  "skipped": {}}
+    with pytest.raises(ValueError, match="two different positions"):
+        merge_states([state, bad])
+    with pytest.raises(ConfigError, match="does not divide data.canonical_readers=4"):
+        build_train_loader(elastic_config(easy_vqa_dir, tokenizer_dir, 0), tokenizer, 0, 8)
+    other.data.canonical_readers = 3
+    with pytest.raises(ConfigError, match="not a multiple of data.canonical_readers=3"):
+        build_train_loader(other, tokenizer, 0, 1)
 
 
 # ----------------------------------------------------------------------------- sharding
@@ -115,9 +204,9 @@ def test_dp_ranks_differ_and_tp_pp_peers_are_identical(easy_vqa_dir, tokenizer_d
     for dp_rank, peer in [(0, "a"), (0, "b"), (1, "a")]:  # a, b: two TP/PP peers of one replica
         loader = build_stream_loader(cfg, "laion", tokenizer, dp_rank, 2)
         seen = []
-        for batch in take(iter(loader), 10):  # 20 samples per reader: still in epoch 0
+        for step in take(iter(loader), 10):  # 10 x 4 samples per rank: still in epoch 0
             seen.extend(loader.last_keys)
-        keys[dp_rank, peer], batches[dp_rank, peer] = seen, batch
+        keys[dp_rank, peer], batches[dp_rank, peer] = seen, step[-1]
     assert keys[0, "a"] == keys[0, "b"]
     assert all(torch.equal(batches[0, "a"][k], batches[0, "b"][k]) for k in batches[0, "a"])
     assert not set(keys[0, "a"]) & set(keys[1, "a"])
@@ -128,9 +217,9 @@ def test_fewer_shards_than_readers_still_trains(easy_vqa_dir, tokenizer_dir, tok
     data["laion"]["shards"] = str(easy_vqa_dir / "laion/00003.tar")
     cfg = make_config(tokenizer_dir, data)
     loader = build_stream_loader(cfg, "laion", tokenizer, 1, 2)
-    batches = take(iter(loader), 8)
-    assert loader.spec.plan.num_pieces == 4
-    assert all(b["input_ids"].shape == (2, 32) for b in batches)
+    steps = take(iter(loader), 8)
+    assert loader.spec.plan.num_pieces == 4  # 4 canonical readers (gcd of 8 and 4), 1 shard
+    assert all(len(s) == 2 and all(b["input_ids"].shape == (2, 32) for b in s) for s in steps)
 
 
 def test_a_missing_shard_is_a_one_line_error(easy_vqa_dir, tokenizer_dir, tokenizer):

@@ -78,13 +78,14 @@ def coins(seed: int) -> tuple[random.Random, bool, float]:
 def test_laion_loader_matches_reference(easy_vqa_dir, tokenizer_dir, tokenizer, reference):
     ref_data, ref_train, processor, ref_tok = reference
     pattern = str(easy_vqa_dir / "laion" / "{00000..00011}.tar")
-    cfg = make_config(tokenizer_dir, {"laion": stream(pattern, batch_size=5), "workers": 0},
+    cfg = make_config(tokenizer_dir, {"laion": stream(pattern, batch_size=5), "workers": 0,
+                                      "canonical_readers": 1},  # one reader: one epoch in order
                       vision={"open_clip_model": "ViT-B-32"})
     loader = build_stream_loader(cfg, "laion", tokenizer, 0, 1)
     raws = all_raw(pattern)
     decoder = wds.autodecode.Decoder([wds.autodecode.imagehandler("pilrgb")])
     ours, theirs, captions = [], [], []
-    for batch in loader:
+    for (batch,) in loader:  # one micro-batch per step
         for row, key in enumerate(loader.last_keys):
             shard, index, fields = raws[key]
             flip = loader.spec.plan.sample_rng(0, Unit(shard), index).random() < 0.5
