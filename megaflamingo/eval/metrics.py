@@ -59,18 +59,31 @@ def vqa_accuracy(predictions: Sequence[dict], questions_path: str | Path, annota
     """
     if mode not in MODES:
         raise ValueError(f"unknown VQA accuracy mode {mode!r}; choose one of {', '.join(MODES)}")
+    question_ids = {q["question_id"] for q in _read_json(questions_path, "questions")}
+    annotations = {a["question_id"]: a["answers"] for a in _read_json(annotations_path, "annotations")
+                   if a["question_id"] in question_ids}
+    return score_vqa_answers(predictions, annotations, mode)
+
+
+def score_vqa_answers(predictions: Sequence[dict], answers: dict[Hashable, list[dict]],
+                      mode: str = "openflamingo") -> dict:
+    """`vqa_accuracy` on answers already in memory: {question_id: the annotation's answer dicts}.
+
+    Raises:
+        ValueError: unknown mode, no predictions, a duplicated or unknown question id.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown VQA accuracy mode {mode!r}; choose one of {', '.join(MODES)}")
     if not predictions:
         raise ValueError("no predictions to score")
-    question_ids = {q["question_id"] for q in _read_json(questions_path, "questions")}
-    annotations = {a["question_id"]: a for a in _read_json(annotations_path, "annotations")}
     per_question: dict[Hashable, float] = {}
     for pred in predictions:
         qid = pred["question_id"]
         if qid in per_question:
             raise ValueError(f"question_id {qid!r} is predicted twice")
-        if qid not in annotations or qid not in question_ids:
-            raise ValueError(f"question_id {qid!r} is not in {questions_path} and {annotations_path}")
-        per_question[qid] = question_accuracy(pred["answer"], annotations[qid]["answers"], mode)
+        if qid not in answers:
+            raise ValueError(f"question_id {qid!r} has no question and annotation to score against")
+        per_question[qid] = question_accuracy(pred["answer"], answers[qid], mode)
     overall = round(100 * sum(per_question.values()) / len(per_question), 2)
     return {"overall": overall, "per_question": per_question}
 
@@ -145,7 +158,7 @@ def cider(candidates: dict[Hashable, str], references: dict[Hashable, list[str]]
         {"score": corpus CIDEr (x1), "per_image": {image_id: CIDEr}}.
     Raises:
         ValueError: no candidates, or a candidate without references.
-        RuntimeError: no `java` on PATH (one line: how to install it).
+        FileNotFoundError: no `java` on PATH (one line: how to install it).
     """
     if not candidates:
         raise ValueError("no captions to score")
@@ -153,7 +166,7 @@ def cider(candidates: dict[Hashable, str], references: dict[Hashable, list[str]]
     if missing:
         raise ValueError(f"{len(missing)} captioned images have no references, e.g. {missing[0]!r}")
     if shutil.which("java") is None:
-        raise RuntimeError(JAVA_MISSING)
+        raise FileNotFoundError(JAVA_MISSING)
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
