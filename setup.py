@@ -8,7 +8,7 @@ setup(
     description="3D-parallel (TP x PP x ZeRO) trainer for OpenFlamingo-exact vision-language models",
     python_requires=">=3.10",
     packages=find_packages(include=["megaflamingo", "megaflamingo.*"])
-    + ["megaflamingo.kernels", "megaflamingo.kernels.xattn"],
+    + ["megaflamingo.kernels", "megaflamingo.kernels.xattn", "megaflamingo.kernels.linear_ce"],
     # The top-level kernels/ folder installs as megaflamingo.kernels: a top-level `kernels` import
     # name would collide with the Hugging Face `kernels` package that transformers probes for.
     package_dir={"megaflamingo.kernels": "kernels"},

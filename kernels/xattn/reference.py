@@ -10,90 +10,129 @@ Semantics (OpenFlamingo's `MaskedCrossAttention` with only_attend_immediate_medi
 - text_time > M (more `<image>` tokens than images): every key is masked, and the reference's
   softmax over all-equal logits is uniform over all M * N keys, i.e. the mean of all values.
 
-`media_attention_gather` costs O(T * N) per sample whatever M is: it walks the runs of equal
-text_time (contiguous, because text_time is a cumsum) and attends each run to its own image
-(runs of equal length share one SDPA call, and rows with the same layout are done together: on CPU
-the per-call overhead, not the arithmetic, dominates when images are many and runs short).
+`media_attention_gather` costs O(T * N) per sample whatever M is, and the same whatever the
+image positions: `layout.chunk_plan` cuts each image's run of tokens (contiguous, because
+text_time is a cumsum) into chunks of at most C tokens with index tables built once per batch,
+and one SDPA call attends every chunk to its own image (no Python loop over runs, no per-run
+stacking: on CPU the per-call and copy overheads, not the arithmetic, dominate when images are
+many and runs short).
 `media_attention_dense` builds the full T x (M * N) masked score matrix, as OpenFlamingo does;
 it is kept as a second reference for tests and benchmarks.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
-
-def _runs(text_time_row: list[int]) -> list[tuple[int, int, int]]:
-    """Split one row of text_time into (start, end, value) runs of equal values."""
-    runs, start = [], 0
-    for t in range(1, len(text_time_row) + 1):
-        if t == len(text_time_row) or text_time_row[t] != text_time_row[start]:
-            runs.append((start, t, text_time_row[start]))
-            start = t
-    return runs
+from .layout import ChunkPlan, chunk_plan
 
 
-def _attend_runs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: list[tuple[int, int, int]]) -> torch.Tensor:
-    """Media attention for tokens that share one run layout.
+class _TokensToSlots(torch.autograd.Function):
+    """rows[slot] = tokens[plan.slot_token[slot]]; backward reads each token's own slot back.
 
-    Args:
-        q: (*, H, T, K) queries; every leading index shares `runs`.
-        k: (*, M, H, N, K) keys.
-        v: (*, M, H, N, K) values.
-        runs: (start, end, media index) runs covering [0, T), from `_runs`.
-    Returns:
-        (*, H, T, K).
+    Every token with an image owns exactly one slot; padding slots copy a token but their outputs
+    are never read, so their gradient is exactly zero and the backward is a gather, not a scatter.
     """
-    M = k.shape[-4]
-    if not runs:
-        return torch.zeros_like(q)
-    # split / unbind rather than slicing in a loop: their backward is one cat / stack, not one
-    # full-size zero gradient per run
-    q_runs = q.split([end - start for start, end, _ in runs], dim=-2)  # each (*, H, L, K)
-    k_imgs, v_imgs = k.unbind(-4), v.unbind(-4)  # M x (*, H, N, K)
-    pieces: list[torch.Tensor | None] = [None] * len(runs)
-    same_length: dict[int, list[int]] = {}  # run length -> runs that attend to an image
-    for i, (q_run, (start, end, m)) in enumerate(zip(q_runs, runs)):
-        if m == 0:
-            pieces[i] = torch.zeros_like(q_run)
-        elif m <= M:
-            same_length.setdefault(end - start, []).append(i)
-        else:  # all keys masked: uniform attention over every latent of every image
-            mean_v = v.mean(dim=(-4, -2))  # (*, H, K)
-            pieces[i] = mean_v.unsqueeze(-2).expand_as(q_run)
-    # runs of equal length share one SDPA call (stacked on a new leading dim): with many images
-    # the per-call overhead, not the arithmetic, is what costs on CPU
-    for group in same_length.values():
-        media = [runs[i][2] - 1 for i in group]
-        if len(group) == 1:
-            pieces[group[0]] = F.scaled_dot_product_attention(q_runs[group[0]], k_imgs[media[0]], v_imgs[media[0]])
-            continue
-        q_g = torch.stack([q_runs[i] for i in group])  # (G, *, H, L, K)
-        k_g = torch.stack([k_imgs[m] for m in media])  # (G, *, H, N, K)
-        v_g = torch.stack([v_imgs[m] for m in media])
-        for i, out in zip(group, F.scaled_dot_product_attention(q_g, k_g, v_g).unbind(0)):
-            pieces[i] = out
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-2)
+
+    @staticmethod
+    def forward(ctx, tokens: torch.Tensor, plan: ChunkPlan) -> torch.Tensor:  # noqa: D102
+        ctx.plan = plan
+        return tokens.index_select(0, plan.slot_token)
+
+    @staticmethod
+    def backward(ctx, grad_slots: torch.Tensor):  # noqa: D102
+        plan = ctx.plan
+        grad = grad_slots.index_select(0, plan.token_slot)
+        if plan.any_no_image or plan.any_over:
+            grad = grad.masked_fill(~plan.has_image.flatten().view(-1, *[1] * (grad.dim() - 1)), 0.0)
+        return grad, None
+
+
+class _SlotsToTokens(torch.autograd.Function):
+    """tokens[t] = rows[plan.token_slot[t]]; backward writes each token's gradient to its slot."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, plan: ChunkPlan) -> torch.Tensor:  # noqa: D102
+        ctx.plan = plan
+        return rows.index_select(0, plan.token_slot)
+
+    @staticmethod
+    def backward(ctx, grad_tokens: torch.Tensor):  # noqa: D102
+        plan = ctx.plan
+        if plan.any_no_image or plan.any_over:  # tokens without a slot must not leak into slot 0
+            grad_tokens = grad_tokens.masked_fill(
+                ~plan.has_image.flatten().view(-1, *[1] * (grad_tokens.dim() - 1)), 0.0)
+        grad = grad_tokens.index_select(0, plan.slot_token)
+        return grad.masked_fill(~plan.real_slot.view(-1, *[1] * (grad.dim() - 1)), 0.0), None
+
+
+class _ImagesToOverflow(torch.autograd.Function):
+    """rows[r] = images[plan.over_image[r]]; backward sums each image's overflow chunks (sorted by
+    image) with a sparse CSR (B * M, R_o) 0/1 matrix product: index_add_ is 20-100x slower on CPU.
+    """
+
+    @staticmethod
+    def forward(ctx, images: torch.Tensor, plan: ChunkPlan) -> torch.Tensor:  # noqa: D102
+        ctx.plan = plan
+        return images.index_select(0, plan.over_image)
+
+    @staticmethod
+    def backward(ctx, grad_rows: torch.Tensor):  # noqa: D102
+        plan = ctx.plan
+        flat = grad_rows.reshape(plan.num_over, -1)
+        work = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
+        with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
+            warnings.simplefilter("ignore", UserWarning)
+            summed = plan.over_sum_matrix(work.dtype) @ work  # (B * M, D)
+        return summed.to(grad_rows.dtype).view(plan.num_images, *grad_rows.shape[1:]), None
 
 
 def media_attention_gather(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_time: torch.Tensor
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_time: torch.Tensor, plan: ChunkPlan | None = None
 ) -> torch.Tensor:
     """Attention of each text token over the latents of its own image only.
+
+    One SDPA call over the chunks of `layout.chunk_plan` (C queries each, against their image's N
+    latents): the queries and the chunks' keys and values are gathered with index tables, and the
+    outputs read back per token, so the cost depends on T and M only, not on where images sit.
 
     Args:
         q: (B, H, T, K) queries (unscaled; scaled here by K ** -0.5).
         k: (B, M, H, N, K) keys of every image.
         v: (B, M, H, N, K) values of every image.
         text_time: (B, T) integer media index per token (0 = before the first image).
+        plan: `chunk_plan(text_time, M)` when the caller built it once for several layers.
     Returns:
-        (B, H, T, K) attention output; rows with text_time == 0 are exactly zero.
+        (B, H, T, K) attention output (a transposed view of a (B, T, H, K) tensor); rows with
+        text_time == 0 are exactly zero.
     """
-    rows = text_time.tolist()
-    if all(row == rows[0] for row in rows):  # one layout for the whole batch (e.g. one image, first)
-        return _attend_runs(q, k, v, _runs(rows[0]))
-    return torch.stack([_attend_runs(q[b], k[b], v[b], _runs(row)) for b, row in enumerate(rows)])
+    B, H, T, K = q.shape
+    M, N = k.shape[1], k.shape[3]
+    plan = plan if plan is not None else chunk_plan(text_time, M)
+    C, I, R_o = plan.chunk, B * M, plan.num_over
+    if I:
+        q_slots = _TokensToSlots.apply(q.transpose(1, 2).reshape(B * T, H, K), plan)  # (S, H, K)
+        k_img, v_img = k.reshape(I, H, N, K), v.reshape(I, H, N, K)
+        q_main = q_slots[:I * C].view(I, C, H, K).transpose(1, 2)  # (B * M, H, C, K)
+        outs = [F.scaled_dot_product_attention(q_main, k_img, v_img).transpose(1, 2).reshape(I * C, H, K)]
+        if R_o:  # runs longer than C: overflow chunks with their image's keys gathered
+            q_over = q_slots[I * C:].view(R_o, C, H, K).transpose(1, 2)  # (R_o, H, C, K)
+            k_over = _ImagesToOverflow.apply(k_img, plan)  # (R_o, H, N, K)
+            v_over = _ImagesToOverflow.apply(v_img, plan)
+            outs.append(F.scaled_dot_product_attention(q_over, k_over, v_over).transpose(1, 2).reshape(R_o * C, H, K))
+        out_slots = outs[0] if len(outs) == 1 else torch.cat(outs)
+        out = _SlotsToTokens.apply(out_slots, plan).view(B, T, H, K)
+    else:
+        out = q.new_zeros(B, T, H, K)
+    if plan.any_no_image and I:
+        out = out.masked_fill(plan.no_image[:, :, None, None], 0.0)
+    if plan.any_over:  # all keys masked: uniform attention over every latent of every image
+        mean_v = v.mean(dim=(1, 3))  # (B, H, K)
+        out = torch.where(plan.over[:, :, None, None], mean_v[:, None].to(out.dtype), out)
+    return out.transpose(1, 2)
 
 
 def media_attention_dense(

@@ -43,6 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import layout
+
 LOG2E = 1.4426950408889634
 # finite "minus infinity": exp2(_NEG_BIG - _NEG_BIG) is 1, never NaN (masked afterwards); a
 # constexpr because jit code may read only constexpr globals (the interpreter does not check this)
@@ -365,22 +367,15 @@ def _launch_options(q: torch.Tensor) -> dict:
 
 
 def token_ranges(text_time: torch.Tensor, num_media: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """First and one-past-last token of each media index, for the dk/dv kernel.
+    """`layout.token_ranges` (the same per-batch index table the PyTorch path reads) in int32.
 
     Args:
         text_time: (B, T) integer media index per token.
         num_media: M.
     Returns:
-        (lo, hi), each (B, M + 2) int32: tokens with text_time == j lie in [lo[b, j], hi[b, j]);
-        column M + 1 collects every text_time > M. An unused index has lo = T, hi = 0.
+        (lo, hi), each (B, M + 2) int32: tokens with text_time == j lie in [lo[b, j], hi[b, j]).
     """
-    B, T = text_time.shape
-    bucket = text_time.long().clamp(0, num_media + 1)  # (B, T)
-    pos = torch.arange(T, device=text_time.device).expand(B, T)
-    lo = torch.full((B, num_media + 2), T, dtype=torch.long, device=text_time.device)
-    hi = torch.zeros((B, num_media + 2), dtype=torch.long, device=text_time.device)
-    lo.scatter_reduce_(1, bucket, pos, reduce="amin")
-    hi.scatter_reduce_(1, bucket, pos + 1, reduce="amax")
+    lo, hi = layout.token_ranges(text_time, num_media)
     return lo.to(torch.int32), hi.to(torch.int32)
 
 

@@ -197,6 +197,31 @@ def test_gather_matches_dense(seed):
     assert torch.equal(results[0][0][0, :, :3], torch.zeros(H, 3, K, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("chunk", [None, 1, 3, 8])
+def test_chunked_gather_matches_dense_any_layout(chunk):
+    """Every chunk length (main chunks only, overflow chunks, padding) gives the dense result,
+    outputs and gradients, on irregular layouts: text before the first image, empty runs (two
+    markers at one token), one long run, more markers than images."""
+    from megaflamingo.kernels.xattn.layout import chunk_plan
+
+    gen = torch.Generator().manual_seed(7)
+    B, H, T, M, N, K = 3, 2, 29, 5, 6, 8
+    markers = [[4, 4, 5, 20, 28], [0, 1, 2, 3, 4, 5, 6], [10]]  # row 1: 7 markers for 5 images
+    text_time = torch.stack([text_time_from_markers(T, row) for row in markers])
+    q = torch.randn(B, H, T, K, generator=gen, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(B, M, H, N, K, generator=gen, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(B, M, H, N, K, generator=gen, dtype=torch.float64, requires_grad=True)
+    dout = torch.randn(B, H, T, K, generator=gen, dtype=torch.float64)
+    plan = chunk_plan(text_time, M, chunk)
+    results = []
+    for out in (media_attention_gather(q, k, v, text_time, plan), media_attention_dense(q, k, v, text_time)):
+        results.append((out, *torch.autograd.grad(out, (q, k, v), dout)))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert int(plan.real_slot.sum()) == int(plan.has_image.sum())  # one slot per token with an image
+    assert plan.num_over <= B * -(-T // plan.chunk)  # the overflow bound, whatever the layout
+
+
 def test_auto_on_cpu_is_the_reference():
     q, k, v, text_time, gate, res = make_inputs(2, 2, 12, 2, 8, 16, [[0, 6], [2]], 0.5, True, device="cpu")
     expected = gated_media_attention_reference(q, k, v, text_time, gate, res)
