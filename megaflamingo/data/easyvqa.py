@@ -20,7 +20,9 @@
   OpenFlamingo's VQA prompt format "Question:{q} Short answer:{a}": what the demo trains on, so
   that training and the VQA evaluation prompt agree.
 - `vqa/test.jsonl` + `vqa/images/`: the test split as a VQA eval set, one JSON line per question
-  {question_id, image (relative to the jsonl), question, answers (the answer x10, VQA style)}.
+  {question_id, image (relative to the jsonl), question, answers (the answer x10, VQA style),
+  question_type (color, shape, yes/no)}, in a seeded random order; `vqa/probe.jsonl`: the
+  questions of held-out test images (10%, not in test.jsonl) for the training probe.
 - `dataset.json`: counts, shard patterns and the recommended overrides.
 """
 
@@ -35,6 +37,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Iterator, Optional
 
+import torch
 from PIL import Image
 
 from megaflamingo.data.shards import write_shards
@@ -42,6 +45,35 @@ from megaflamingo.data.shards import write_shards
 SHAPES = ("circle", "rectangle", "triangle")
 COLORS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
 DESCRIBE = ("This picture shows {}.", "Here we see {}.", "The drawing is {}.", "Look at {}.")
+ANSWER_MARK = "Short answer:"
+"""Where the answer starts in OpenFlamingo's VQA format "Question:{q} Short answer:{a}"."""
+
+
+def question_type(answer: str) -> str:
+    """"color", "shape" or "yes/no": what kind of question an easy-vqa answer answers."""
+    return "color" if answer in COLORS else "shape" if answer in SHAPES else "yes/no"
+
+
+def answer_only_labels(labels: torch.Tensor, text: str, encode) -> torch.Tensor:
+    """Labels of a VQA-format training text with every position up to the answer set to -100.
+
+    The loss then covers the answer and what follows it (`<|endofchunk|>`, EOS). A text without
+    ANSWER_MARK keeps its labels (it is not a VQA sample).
+
+    Args:
+        labels: (T,) the stream's labels for `text`.
+        text: the full training string, e.g. "<image>Question:{q} Short answer:{a}<|endofchunk|>".
+        encode: the stream's fixed-length encoder, text -> (input_ids (T,), attention_mask (T,)).
+    Returns:
+        (T,) new labels.
+    """
+    cut = text.find(ANSWER_MARK)
+    if cut < 0:
+        return labels
+    _, prefix_mask = encode(text[:cut + len(ANSWER_MARK)])
+    out = labels.clone()
+    out[:int(prefix_mask.sum())] = -100
+    return out
 
 
 def _words(text: str) -> list[str]:
@@ -150,20 +182,34 @@ def mmc4_samples(images: list[tuple[int, str, tuple]], qas: dict, seed: int) -> 
         start, n = start + size, n + 1
 
 
-def write_vqa(out_dir: Path, limit: Optional[int]) -> int:
-    """The test split as vqa/test.jsonl + vqa/images/; returns the number of questions."""
+def write_vqa(out_dir: Path, limit: Optional[int], seed: int = 0, probe_images: float = 0.1) -> tuple[int, int]:
+    """The test split as a VQA eval set under out_dir: images/, test.jsonl and probe.jsonl.
+
+    test.jsonl holds the questions in a seeded random order, so that its first n lines (what an
+    eval with a limit reads) span many images, not the first few. probe.jsonl holds the questions
+    of the last `probe_images` fraction of the images, none of which test.jsonl uses: a held-out
+    set for the training probe (`train.probe_data`). Each line: {question_id, image (relative to
+    the jsonl), question, answers (the answer x10, VQA style), question_type}.
+
+    Returns:
+        (questions in test.jsonl, questions in probe.jsonl).
+    """
     paths, qas = load_split("test")
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    count = 0
-    with open(out_dir / "test.jsonl", "w") as f:
-        for image_id in sorted(paths)[:limit]:
-            shutil.copyfile(paths[image_id], out_dir / "images" / f"{image_id}.png")
-            for question, answer in qas[image_id]:
-                row = {"question_id": count, "image": f"images/{image_id}.png",
-                       "question": question, "answers": [answer] * 10}
-                f.write(json.dumps(row) + "\n")
-                count += 1
-    return count
+    image_ids = sorted(paths)[:limit]
+    held = max(1, int(len(image_ids) * probe_images)) if len(image_ids) > 1 else 0
+    rows = []
+    for image_id in image_ids:
+        shutil.copyfile(paths[image_id], out_dir / "images" / f"{image_id}.png")
+        rows.extend({"image": f"images/{image_id}.png", "question": q, "answers": [a] * 10,
+                     "question_type": question_type(a)} for q, a in qas[image_id])
+    split = sum(len(qas[i]) for i in image_ids[:len(image_ids) - held])
+    test, probe = rows[:split], rows[split:]
+    random.Random(seed).shuffle(test)
+    for name, part in (("test.jsonl", test), ("probe.jsonl", probe)):
+        with open(out_dir / name, "w") as f:
+            f.writelines(json.dumps({"question_id": n, **row}) + "\n" for n, row in enumerate(part))
+    return len(test), len(probe)
 
 
 def write_easy_vqa(out_dir: str | Path, limit: Optional[int] = None, shard_size: int = 100,
@@ -190,7 +236,7 @@ def write_easy_vqa(out_dir: str | Path, limit: Optional[int] = None, shard_size:
     image_ids = sorted(paths)[:limit]
     vqa_pairs = write_shards(vqa_pair_samples(paths, qas, image_ids), str(out / "laion_vqa" / "%05d.tar"),
                              shard_size)
-    questions = write_vqa(out / "vqa", limit)
+    questions, probe_questions = write_vqa(out / "vqa", limit, seed)
     summary = {
         "source": "easy-vqa (PyPI)", "laion_pairs": len(captioned),
         "laion_shards": f"laion/{{00000..{len(laion) - 1:05d}}}.tar",
@@ -198,6 +244,7 @@ def write_easy_vqa(out_dir: str | Path, limit: Optional[int] = None, shard_size:
         "uncaptioned_images": len(described) - len(captioned),
         "laion_vqa_shards": f"laion_vqa/{{00000..{len(vqa_pairs) - 1:05d}}}.tar",
         "vqa_questions": questions, "vqa": "vqa/test.jsonl",
+        "vqa_probe_questions": probe_questions, "vqa_probe": "vqa/probe.jsonl",
         "recommended_overrides": ["data.mmc4_options.min_image_bytes=0"],
     }
     (out / "dataset.json").write_text(json.dumps(summary, indent=2) + "\n")

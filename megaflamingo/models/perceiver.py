@@ -77,7 +77,7 @@ class PerceiverResampler(nn.Module):
 
     def __init__(self, dim: int, cfg: PerceiverConfig) -> None:
         super().__init__()
-        self.latents = nn.Parameter(torch.randn(cfg.num_latents, dim))
+        self.latents = nn.Parameter(torch.randn(cfg.num_latents, dim) * cfg.latent_init_std)
         self.layers = nn.ModuleList(PerceiverLayer(dim, cfg) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(dim)
 
