@@ -23,14 +23,11 @@ from pathlib import Path
 
 import torch
 
+from megaflamingo.models.families import FAMILIES, family_of
 from megaflamingo.models.flamingo import Flamingo
 
-LAYERS_ATTR = {"mpt": "transformer.blocks", "llama": "model.layers", "gpt_neox": "gpt_neox.layers"}
-INPUT_EMBEDDING = {
-    "mpt": "transformer.wte.weight",
-    "llama": "model.embed_tokens.weight",
-    "gpt_neox": "gpt_neox.embed_in.weight",
-}
+LAYERS_ATTR = {name: f.hf_layers for name, f in FAMILIES.items()}
+INPUT_EMBEDDING = {name: f"{f.hf_module('embed_tokens')}.weight" for name, f in FAMILIES.items()}
 OUTPUT_HEAD_KEYS = ("lang_encoder.lm_head.weight", "lang_encoder.embed_out.weight")
 
 # Our name <-> OpenFlamingo's name, below `perceiver.layers.<i>.` and `...gated_cross_attn_layer.`.
@@ -77,10 +74,12 @@ def export_openflamingo_state_dict(model: Flamingo) -> dict[str, torch.Tensor]:
     family = _family(model)
     emb = model.lm.embed_tokens.merged_weight().float().cpu()
     out[f"lang_encoder.{INPUT_EMBEDDING[family]}"] = emb
-    if model.lm.lm_head is None and family == "llama":
+    spec = family_of(family)
+    if model.lm.lm_head is None and spec.openflamingo_tied_head_alias:
         out["lang_encoder.lm_head.weight"] = emb  # tied HF LMs keep the alias (reference §3)
-    if family == "gpt_neox":
-        out["lang_encoder.embed_out.weight"] = model.lm.lm_head.weight.detach().float().cpu().clone()
+    if spec.openflamingo_writes_head:
+        head = f"lang_encoder.{spec.hf_module('lm_head')}.weight"
+        out[head] = model.lm.lm_head.weight.detach().float().cpu().clone()
     return out
 
 

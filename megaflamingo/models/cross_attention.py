@@ -1,7 +1,7 @@
 """The gated cross-attention block inserted before every n-th decoder layer.
 
 Shapes: B batch, T text tokens, M media, N latents per image, D LM width, Dv vision width,
-H heads, K head dim.
+H heads, K head dim; H_local = H / tp under tensor parallelism.
 
     h = h + tanh(attn_gate) * to_out(MediaAttn(to_q(LN(h)), to_kv(media), text_time))
     h = h + tanh(ff_gate)   * FF(h)
@@ -12,6 +12,15 @@ still runs on them (reference §0.4). Both gates start at 0, so at init the bloc
 The attention core is `megaflamingo.kernels.xattn.media_attention`: it reads only each token's own
 image (cost independent of M) and applies tanh(attn_gate) in its epilogue; by linearity
 tanh(g) * to_out(a) == to_out(tanh(g) * a), and the residual add happens in the out-projection.
+
+The head count is read off the projections' output widths (H_local = width / K), so the block runs
+unchanged when tensor parallelism has made to_q / to_kv column-parallel and to_out row-parallel
+(H / tp heads per rank; the TP plan also sums attn_gate's per-rank gradient over the group).
+q, k and v always stay on the autograd graph (+ 0 * their sums): when no token of a micro-batch
+attends to an image the gather reference returns zeros without touching them, and to_q, to_kv and
+the Perceiver would get no gradient on that rank only; ZeRO-2/3 reduce gradients from
+per-parameter hooks in backward, so such a rank would send different buckets from its peers.
+Adding 0.0 changes no value.
 """
 
 from __future__ import annotations
@@ -55,10 +64,12 @@ class GatedCrossAttentionBlock(nn.Module):
         Returns:
             (B, T, D).
         """
-        H, K = self.heads, self.dim_head
-        q = self.to_q(self.norm(h)).unflatten(-1, (H, K)).transpose(1, 2)  # (B, H, T, K)
-        k, v = self.to_kv(media).unflatten(-1, (2, H, K)).unbind(dim=3)  # 2 x (B, M, N, H, K)
-        k, v = k.transpose(2, 3), v.transpose(2, 3)  # (B, M, H, N, K)
-        attn = media_attention(q, k, v, text_time, gate=self.attn_gate, impl=self.impl)  # (B, H, T, K)
+        K = self.dim_head
+        q = self.to_q(self.norm(h)).unflatten(-1, (-1, K)).transpose(1, 2)  # (B, H_local, T, K)
+        k, v = self.to_kv(media).unflatten(-1, (2, -1, K)).unbind(dim=3)  # 2 x (B, M, N, H_local, K)
+        k, v = k.transpose(2, 3), v.transpose(2, 3)  # (B, M, H_local, N, K)
+        attn = media_attention(q, k, v, text_time, gate=self.attn_gate, impl=self.impl)  # (B, H_local, T, K)
+        if torch.is_grad_enabled():  # every trainable weight on the graph (module docstring)
+            attn = attn + 0.0 * sum(x.sum(dtype=torch.float32) for x in (q, k, v))
         h = h + self.to_out(attn.transpose(1, 2).flatten(-2))
         return h + torch.tanh(self.ff_gate) * self.ff(h)

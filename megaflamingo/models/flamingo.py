@@ -8,6 +8,10 @@ N latents, T text tokens, D LM width, Dv vision width, V vocabulary.
 A cross-attention block sits before decoder layer i iff (i + 1) % cross_attn_every_n_layers == 0.
 Media are an explicit forward argument: nothing is stored on modules between calls. What trains is
 fixed here, at construction: the Perceiver, every cross-attention block, and the added token rows.
+
+The forward is a composition of `models.fusion` pieces built over the registered modules:
+`media_encoder()` (vision -> Perceiver), `fusion_layers()` (optional cross-attention block +
+decoder layer i) and `lm.head()` (final norm + head). Pipeline stages hold the same pieces.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch.nn as nn
 from megaflamingo.config import ConfigError, ModelConfig
 from megaflamingo.models.cross_attention import GatedCrossAttentionBlock
 from megaflamingo.models.decoder import DecoderLM, build_decoder
+from megaflamingo.models.fusion import FusionLayer, MediaEncoder
 from megaflamingo.models.perceiver import PerceiverResampler
 from megaflamingo.models.vision import VisionEncoder
 
@@ -59,17 +64,22 @@ class Flamingo(nn.Module):
         if self.lm.embed_tokens.added is not None:
             self.lm.embed_tokens.added.requires_grad_(True)
 
+    def media_encoder(self) -> MediaEncoder:
+        """The vision tower and the Perceiver as one module (a view: no parameters of its own)."""
+        return MediaEncoder(self.vision, self.perceiver, self.media_token_id)
+
+    def fusion_layers(self) -> list[FusionLayer]:
+        """Decoder layer i with the cross-attention block in front of it (if any), for every i."""
+        return [FusionLayer(layer, self.xattn[str(i)] if str(i) in self.xattn else None)
+                for i, layer in enumerate(self.lm.layers)]
+
     def encode_media(self, vision_x: torch.Tensor) -> torch.Tensor:
         """Args: vision_x (B, M, F, C, S, S) with F == 1. Returns: latents (B, M, N, Dv)."""
-        if vision_x.dim() != 6 or vision_x.shape[2] != 1:
-            raise ValueError(f"vision_x must be (B, M, 1, C, S, S), got {tuple(vision_x.shape)}")
-        B, M = vision_x.shape[:2]
-        tokens = self.vision(vision_x.flatten(0, 2))  # (B*M, P, Dv)
-        return self.perceiver(tokens.unflatten(0, (B, M)))
+        return self.media_encoder()(vision_x)
 
     def text_time(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, T) media index per token: how many `<image>` tokens are at or before it."""
-        return (input_ids == self.media_token_id).cumsum(dim=-1)
+        return self.media_encoder().text_time(input_ids)
 
     def forward(
         self,
@@ -94,11 +104,8 @@ class Flamingo(nn.Module):
         text_time = self.text_time(input_ids)  # (B, T)
         h = self.lm.embed(input_ids)  # (B, T, D)
         ctx = self.lm.attention_context(attention_mask, input_ids.shape[1], h.device, h.dtype)
-        for i, layer in enumerate(self.lm.layers):
-            block = self.xattn[str(i)] if str(i) in self.xattn else None
-            if block is not None:
-                h = block(h, media, text_time)
-            h = layer(h, ctx)
+        for layer in self.fusion_layers():
+            h = layer(h, ctx, media, text_time)
         return h
 
 

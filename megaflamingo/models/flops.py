@@ -42,6 +42,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from megaflamingo.config import LMConfig, ModelConfig
+from megaflamingo.models.families import family_of
 
 CAUSAL_CONVENTIONS = ("half", "full")
 
@@ -247,7 +248,7 @@ def _lm_layer_params(lm: LMConfig) -> int:
     K = lm.head_dim or lm.hidden_size // lm.num_heads
     H, G, D = lm.num_heads, lm.num_kv_heads or lm.num_heads, lm.hidden_size
     F = lm.intermediate_size or 4 * D
-    mlp = (3 if lm.family == "llama" else 2) * D * F
+    mlp = family_of(lm).mlp_matrices * D * F  # the family's FLOPs term: 3 gated, 2 plain
     return D * K * (2 * H + 2 * G) + mlp
 
 

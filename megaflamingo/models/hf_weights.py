@@ -3,11 +3,11 @@
 Shapes: D width, H heads, K head dim, V vocabulary rows.
 
 A checkpoint directory holds config.json and weights in one of: model.safetensors,
-sharded *.safetensors (+ model.safetensors.index.json), pytorch_model*.bin. Three model_types are
-read: llama, mpt, gpt_neox. The name mapping is a declarative table per family (`_RULES`) used in
-both directions — `hf_to_ours` for loading, `ours_to_hf` for export — and it also splits fused
-projections: MPT's Wqkv is [q; k; v] stacked by rows, GPT-NeoX's query_key_value interleaves
-[q_h; k_h; v_h] per head h.
+sharded *.safetensors (+ model.safetensors.index.json), pytorch_model*.bin. The model_types read,
+their config.json readers and the weight-name rules are entries of the family table
+(`models.families`); this module applies the rules in both directions — `hf_to_ours` for loading,
+`ours_to_hf` for export — including fused projections: "rows" = [q; k; v] stacked by rows (MPT's
+Wqkv), "heads" = [q_h; k_h; v_h] interleaved per head h (GPT-NeoX's query_key_value).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -23,77 +22,17 @@ import torch
 
 from megaflamingo.config import LMConfig
 from megaflamingo.models.decoder import DecoderLM, head_dim
+from megaflamingo.models.families import WeightRule, family_for_model_type, family_of
 
 # ----------------------------------------------------------------------------- config.json
-
-
-def _llama_config(raw: dict) -> LMConfig:
-    rope = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
-    theta = rope.pop("rope_theta", raw.get("rope_theta", 10000.0))
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    return LMConfig(
-        family="llama", vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"],
-        num_layers=raw["num_hidden_layers"], num_heads=raw["num_attention_heads"],
-        num_kv_heads=raw.get("num_key_value_heads"), head_dim=raw.get("head_dim"),
-        intermediate_size=raw["intermediate_size"], norm_eps=raw.get("rms_norm_eps", 1e-6),
-        rope_theta=float(theta), rope_scaling=None if kind == "default" else rope,
-        tie_word_embeddings=raw.get("tie_word_embeddings", False),
-        max_position_embeddings=raw.get("max_position_embeddings", 2048),
-        attention_bias=raw.get("attention_bias", False), mlp_bias=raw.get("mlp_bias", False),
-        hidden_act=raw.get("hidden_act", "silu"),
-    )
-
-
-# MPT options transformers' MptForCausalLM silently ignores (or that change the math we build):
-# (attn_config key or top-level key, the only value we accept).
-_MPT_FIXED = (("alibi", True), ("qk_ln", False), ("prefix_lm", False), ("softmax_scale", None),
-              ("attn_type", "multihead_attention"), ("no_bias", True), ("logit_scale", None))
-
-
-def _mpt_config(raw: dict) -> LMConfig:
-    attn = raw.get("attn_config") or {}
-    for key, value in _MPT_FIXED:
-        got = attn.get(key, raw.get(key, value))
-        if got != value:
-            raise ValueError(f"MPT config {key}={got!r} is not supported (only {value!r})")
-    return LMConfig(
-        family="mpt", vocab_size=raw["vocab_size"], hidden_size=raw["d_model"],
-        num_layers=raw["n_layers"], num_heads=raw["n_heads"],
-        intermediate_size=raw.get("expansion_ratio", 4) * raw["d_model"],
-        norm_eps=raw.get("layer_norm_epsilon", 1e-5), tie_word_embeddings=True,
-        max_position_embeddings=raw.get("max_seq_len", 2048),
-        alibi_bias_max=attn.get("alibi_bias_max", 8), qkv_clip=attn.get("clip_qkv"),
-        hidden_act="gelu",
-    )
-
-
-def _gpt_neox_config(raw: dict) -> LMConfig:
-    rope = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
-    theta = rope.pop("rope_theta", raw.get("rotary_emb_base", 10000.0))
-    pct = rope.pop("partial_rotary_factor", raw.get("rotary_pct", 0.25))
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    return LMConfig(
-        family="gpt_neox", vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"],
-        num_layers=raw["num_hidden_layers"], num_heads=raw["num_attention_heads"],
-        intermediate_size=raw["intermediate_size"], norm_eps=raw.get("layer_norm_eps", 1e-5),
-        rope_theta=float(theta), rope_scaling=None if kind == "default" else rope,
-        rotary_pct=float(pct), use_parallel_residual=raw.get("use_parallel_residual", True),
-        tie_word_embeddings=raw.get("tie_word_embeddings", False),
-        max_position_embeddings=raw.get("max_position_embeddings", 2048),
-        attention_bias=raw.get("attention_bias", True), mlp_bias=True,
-        hidden_act=raw.get("hidden_act", "gelu"),
-    )
-
-
-_CONFIG_READERS = {"llama": _llama_config, "mpt": _mpt_config, "gpt_neox": _gpt_neox_config}
 
 
 def lm_config_from_hf(path: str | Path) -> LMConfig:
     """Read a checkpoint's config.json into an `LMConfig` (with hf_path set).
 
-    Handles both the transformers 5 `rope_parameters` form and the older top-level `rope_theta`
-    / `rope_scaling` (LLaMA) and `rotary_pct` / `rotary_emb_base` (GPT-NeoX) keys. For MPT the
-    MLP width is expansion_ratio * d_model here; `load_hf_lm` takes the width from the weights.
+    The family entry whose `model_types` holds config.json's model_type reads it (both the
+    transformers 5 `rope_parameters` form and the older top-level keys). Where the family names
+    `hf_mlp_width_key` (MPT), `load_hf_lm` takes the MLP width from the weights instead.
 
     Args:
         path: checkpoint directory.
@@ -101,71 +40,18 @@ def lm_config_from_hf(path: str | Path) -> LMConfig:
         The LM config.
     Raises:
         FileNotFoundError: no config.json in `path`.
-        ValueError: a model_type other than llama, mpt, gpt_neox, or an unsupported MPT option.
+        ValueError: a model_type no family entry reads, or an option the family cannot build.
     """
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"no config.json in LM checkpoint directory {path}")
     raw = json.loads(config_file.read_text())
-    model_type = raw.get("model_type")
-    if model_type not in _CONFIG_READERS:
-        raise ValueError(f"unsupported LM model_type '{model_type}' in {config_file} "
-                         f"(supported: {', '.join(_CONFIG_READERS)})")
-    cfg = _CONFIG_READERS[model_type](raw)
+    cfg = family_for_model_type(raw.get("model_type"), str(config_file)).read_hf_config(raw)
     cfg.hf_path = str(path)
     return cfg
 
 
 # ----------------------------------------------------------------------------- name mapping
-
-
-@dataclass(frozen=True)
-class _Rule:
-    """One HF module <-> our module(s). `{i}` is the layer index; .weight/.bias carry over."""
-
-    hf: str
-    ours: tuple[str, ...]
-    fuse: str = ""
-    """"" one-to-one; "rows": HF = cat([q, k, v]); "heads": HF = per-head [q_h; k_h; v_h]."""
-
-
-def _layer_rules(prefix: str, names: dict[str, str]) -> list[_Rule]:
-    return [_Rule(f"{prefix}.{{i}}.{hf}", (f"layers.{{i}}.{ours}",)) for hf, ours in names.items()]
-
-
-_QKV = ("layers.{i}.attn.q_proj", "layers.{i}.attn.k_proj", "layers.{i}.attn.v_proj")
-
-_RULES: dict[str, list[_Rule]] = {
-    "llama": [
-        _Rule("model.embed_tokens", ("embed_tokens",)),
-        _Rule("model.norm", ("norm",)),
-        _Rule("lm_head", ("lm_head",)),
-        *_layer_rules("model.layers", {
-            "input_layernorm": "attn_norm", "post_attention_layernorm": "mlp_norm",
-            "self_attn.q_proj": "attn.q_proj", "self_attn.k_proj": "attn.k_proj",
-            "self_attn.v_proj": "attn.v_proj", "self_attn.o_proj": "attn.o_proj",
-            "mlp.gate_proj": "mlp.gate_proj", "mlp.up_proj": "mlp.up_proj",
-            "mlp.down_proj": "mlp.down_proj"}),
-    ],
-    "mpt": [
-        _Rule("transformer.wte", ("embed_tokens",)),
-        _Rule("transformer.norm_f", ("norm",)),
-        _Rule("transformer.blocks.{i}.attn.Wqkv", _QKV, fuse="rows"),
-        *_layer_rules("transformer.blocks", {
-            "norm_1": "attn_norm", "norm_2": "mlp_norm", "attn.out_proj": "attn.o_proj",
-            "ffn.up_proj": "mlp.up_proj", "ffn.down_proj": "mlp.down_proj"}),
-    ],
-    "gpt_neox": [
-        _Rule("gpt_neox.embed_in", ("embed_tokens",)),
-        _Rule("gpt_neox.final_layer_norm", ("norm",)),
-        _Rule("embed_out", ("lm_head",)),
-        _Rule("gpt_neox.layers.{i}.attention.query_key_value", _QKV, fuse="heads"),
-        *_layer_rules("gpt_neox.layers", {
-            "input_layernorm": "attn_norm", "post_attention_layernorm": "mlp_norm",
-            "attention.dense": "attn.o_proj", "mlp.dense_h_to_4h": "mlp.up_proj",
-            "mlp.dense_4h_to_h": "mlp.down_proj"}),
-    ],
-}
 
 # Checkpoint entries that are not weights of the model (old buffers, tied duplicates).
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq|attention\.bias|attention\.masked_bias)$")
@@ -199,9 +85,9 @@ def _is_ignored(name: str, cfg: LMConfig) -> bool:
     return bool(_IGNORED.search(name)) or (cfg.tie_word_embeddings and name == "lm_head.weight")
 
 
-def _find_rule(module: str, family: str, side: str) -> tuple[_Rule, int, str | None] | None:
+def _find_rule(module: str, family: str, side: str) -> tuple[WeightRule, int, str | None] | None:
     """The rule naming `module` on `side` ("hf" or "ours"): (rule, which of its our-names, layer)."""
-    for rule in _RULES[family]:
+    for rule in family_of(family).weight_rules:
         names = (rule.hf,) if side == "hf" else rule.ours
         for position, template in enumerate(names):
             found = _pattern(template).match(module)
@@ -224,8 +110,7 @@ def hf_to_ours(hf_state: Mapping[str, torch.Tensor], cfg: LMConfig) -> dict[str,
     """
     out: dict[str, torch.Tensor] = {}
     for name, tensor in hf_state.items():
-        if cfg.family == "gpt_neox" and name == "lm_head.weight":
-            name = "embed_out.weight"  # transformers 5 calls GPT-NeoX's head lm_head in memory
+        name = family_of(cfg).hf_aliases.get(name, name)
         if _is_ignored(name, cfg):
             continue
         module, param = name.rsplit(".", 1)
@@ -333,11 +218,10 @@ def resize_rows(weight: torch.Tensor, num_rows: int) -> torch.Tensor:
 
 
 def _adopt_checkpoint_mlp_width(cfg: LMConfig, hf_state: Mapping[str, torch.Tensor]) -> None:
-    # transformers' MptMLP builds 4 * d_model whatever expansion_ratio says; MPT's own code uses
-    # expansion_ratio. The weights are the truth either way.
-    up = hf_state.get("transformer.blocks.0.ffn.up_proj.weight")
-    if cfg.family == "mpt" and up is not None:
-        cfg.intermediate_size = up.shape[0]
+    # The family names a weight whose rows are the true MLP width (MPT: see models.families).
+    key = family_of(cfg).hf_mlp_width_key
+    if key is not None and key in hf_state:
+        cfg.intermediate_size = hf_state[key].shape[0]
 
 
 def _hf_name(keys: Sequence[str], tensors: Mapping[str, torch.Tensor], cfg: LMConfig) -> str:

@@ -10,6 +10,8 @@ suffix is this rank's shard.
 - `VocabParallelEmbedding`: keeps rows [start, end) of TokenEmbedding's frozen base table; the
   trainable `added` rows stay replicated. `attend` (tied head) gives vocab-sharded logits.
 - `vocab_parallel_cross_entropy`: per-token cross entropy from vocab-sharded logits.
+- `sum_gradient_over`: a replicated parameter whose per-rank gradient is a partial sum (the
+  cross-attention gate scales only the local heads) gets the full sum in backward.
 
 Shards of uneven size are allowed (`shard_bounds`: sizes differ by at most one), so a vocabulary
 such as 50,280 + 3 added tokens needs no padding. Every sharded parameter carries
@@ -28,6 +30,9 @@ import torch.nn.functional as F
 from megaflamingo.parallel.comm import copy_to_group, reduce_from_group
 from megaflamingo.models.embedding import overlay_added_rows
 
+Group = dist.ProcessGroup | None
+"""A process group, or None for no parallelism."""
+
 
 def shard_bounds(size: int, rank: int, world: int) -> tuple[int, int]:
     """[start, end) of `rank`'s shard when `size` rows are split over `world` ranks.
@@ -39,22 +44,22 @@ def shard_bounds(size: int, rank: int, world: int) -> tuple[int, int]:
     return start, start + base + (1 if rank < extra else 0)
 
 
-def group_rank_size(group) -> tuple[int, int]:
+def group_rank_size(group: Group) -> tuple[int, int]:
     """(rank in group, group size); (0, 1) for group None (no parallelism)."""
     if group is None:
         return 0, 1
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def _copy(x: torch.Tensor, group) -> torch.Tensor:
+def _copy(x: torch.Tensor, group: Group) -> torch.Tensor:
     return x if group is None else copy_to_group(x, group)
 
 
-def _reduce(x: torch.Tensor, group) -> torch.Tensor:
+def _reduce(x: torch.Tensor, group: Group) -> torch.Tensor:
     return x if group is None else reduce_from_group(x, group)
 
 
-def mark_tensor_parallel(param: nn.Parameter, group) -> nn.Parameter:
+def mark_tensor_parallel(param: nn.Parameter, group: Group) -> nn.Parameter:
     """Tag a shard so DeepSpeed counts it on every rank of the group in the global grad norm
     (no tag without a group: the parameter is then whole)."""
     if group is not None:
@@ -74,7 +79,7 @@ def _shard_rows(weight: torch.Tensor, rank: int, world: int, parts: int = 1) -> 
     return torch.cat(picked, dim=0).clone()
 
 
-def gather_dim(local: torch.Tensor, dim: int, full_size: int, group) -> torch.Tensor:
+def gather_dim(local: torch.Tensor, dim: int, full_size: int, group: Group) -> torch.Tensor:
     """All-gather shards (possibly of uneven size, split as `shard_bounds`) back into one tensor.
 
     Not differentiable; for export and tests.
@@ -91,6 +96,24 @@ def gather_dim(local: torch.Tensor, dim: int, full_size: int, group) -> torch.Te
     return torch.cat([p.narrow(dim, 0, end - start) for p, (start, end) in zip(parts, sizes)], dim=dim)
 
 
+def sum_gradient_over(param: nn.Parameter, group: Group) -> None:
+    """Make the gradient of a replicated `param` the sum of every rank's gradient over `group`.
+
+    For a parameter that multiplies a *sharded* quantity (the cross-attention gate scales the local
+    heads before the row-parallel out-projection sums them), each rank's gradient is a partial
+    sum; a backward hook all-reduces it before it is accumulated, exactly what using
+    `copy_to_group(param)` in the forward would do. No-op for group None.
+    """
+    if group_rank_size(group)[1] > 1:
+        param.register_hook(lambda grad: _all_reduce_copy(grad, group))
+
+
+def _all_reduce_copy(grad: torch.Tensor, group: Group) -> torch.Tensor:
+    summed = grad.clone()
+    dist.all_reduce(summed, group=group)
+    return summed
+
+
 class ColumnParallelLinear(nn.Module):
     """y_local = x @ W[start:end].T + b[start:end]: the output features are sharded over `group`.
 
@@ -104,7 +127,7 @@ class ColumnParallelLinear(nn.Module):
         parts: number of independently sharded row blocks (2 for a fused k;v projection).
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group, out_features: int,
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group: Group, out_features: int,
                  parts: int = 1) -> None:
         super().__init__()
         self.group, self.out_features, self.parts = group, out_features, parts
@@ -118,7 +141,7 @@ class ColumnParallelLinear(nn.Module):
         """First output row this rank holds (within each part)."""
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, group, parts: int = 1) -> "ColumnParallelLinear":
+    def from_linear(cls, linear: nn.Linear, group: Group, parts: int = 1) -> "ColumnParallelLinear":
         """Keep this rank's rows of a full `nn.Linear` (its requires_grad is kept)."""
         rank, world = group_rank_size(group)
         weight = _shard_rows(linear.weight.detach(), rank, world, parts).requires_grad_(
@@ -163,7 +186,7 @@ class RowParallelLinear(nn.Module):
         in_features: D, the full input width.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group, in_features: int) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group: Group, in_features: int) -> None:
         super().__init__()
         self.group, self.in_features = group, in_features
         self.out_features = weight.shape[0]
@@ -171,7 +194,7 @@ class RowParallelLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=bias.requires_grad)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, group) -> "RowParallelLinear":
+    def from_linear(cls, linear: nn.Linear, group: Group) -> "RowParallelLinear":
         """Keep this rank's columns of a full `nn.Linear` (its requires_grad is kept)."""
         rank, world = group_rank_size(group)
         start, end = shard_bounds(linear.in_features, rank, world)
@@ -213,7 +236,7 @@ class VocabParallelEmbedding(nn.Module):
         group: the tensor-parallel process group.
     """
 
-    def __init__(self, embedding: nn.Module, group) -> None:
+    def __init__(self, embedding: nn.Module, group: Group) -> None:
         super().__init__()
         rank, world = group_rank_size(group)
         self.group, self.num_embeddings, self.dim = group, embedding.num_embeddings, embedding.dim
@@ -262,7 +285,7 @@ class VocabParallelEmbedding(nn.Module):
                 f"trainable_ids={self.trainable_ids.tolist()}")
 
 
-def vocab_parallel_cross_entropy(logits_local: torch.Tensor, targets: torch.Tensor, group=None,
+def vocab_parallel_cross_entropy(logits_local: torch.Tensor, targets: torch.Tensor, group: Group = None,
                                  vocab_start: int = 0, ignore_index: int = -100) -> torch.Tensor:
     """Cross entropy per token from logits whose vocabulary is sharded over `group`.
 

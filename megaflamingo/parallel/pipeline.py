@@ -3,13 +3,16 @@
 Shapes: B batch, M media, N latents, T text tokens, D LM width, Dv vision width, V_local this
 rank's vocabulary rows.
 
-Layers, in order (L decoder layers):
+Layers, in order (L decoder layers); each holds the model's own `models.fusion` pieces and calls
+them, so a stage computes exactly what the plain model does:
 
-    0        PipelineEmbed   (images, input_ids, attention_mask) -> (h, media, text_time, mask)
-    1..L     PipelineBlock i (h, media, text_time, mask) -> same tuple; optional cross-attention
-                             block, then decoder layer i. Media stop travelling after the last
-                             cross-attention block: from there the tuple is (h, mask).
-    L+1      PipelineHead    (h, mask) -> logits (B, T, V_local); loss_fn(logits, (labels, loss_weight))
+    0        PipelineEmbed   MediaEncoder + token embedding:
+                             (images, input_ids, attention_mask) -> (h, media, text_time, mask)
+    1..L     PipelineBlock i FusionLayer i (optional cross-attention block, then decoder layer i):
+                             (h, media, text_time, mask) -> same tuple. Media stop travelling after
+                             the last cross-attention block: from there the tuple is (h, mask).
+    L+1      PipelineHead    LMHead: (h, mask) -> logits (B, T, V_local);
+                             loss_fn(logits, (labels, loss_weight))
 
 What travels obeys DeepSpeed's rules: every float sent requires grad (h, and the media latents,
 which the trainable Perceiver made), every float received reaches the loss (media are dropped by
@@ -27,17 +30,18 @@ the gradient norm.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from deepspeed.pipe import PipelineModule
 
-from megaflamingo.config import ConfigError
+from megaflamingo.config import ConfigError, LMConfig
 from megaflamingo.models.cross_attention import GatedCrossAttentionBlock
-from megaflamingo.models.decoder import DecoderLayer, DecoderLM
+from megaflamingo.models.decoder import LMHead, attention_context
 from megaflamingo.models.flamingo import Flamingo
+from megaflamingo.models.fusion import FusionLayer, MediaEncoder
 from megaflamingo.parallel.plan import gather_full_state, logits_vocab_start
 from megaflamingo.parallel.topology import ProcessGroups, deepspeed_topology
 
@@ -71,17 +75,17 @@ class StageLayer(nn.Module):
 
 
 class PipelineEmbed(StageLayer):
-    """First layer: vision tower + Perceiver (media latents) and the token embedding.
+    """First layer: the media encoder (vision tower + Perceiver) and the token embedding.
 
-    Uses `Flamingo.encode_media` and `Flamingo.text_time` themselves (they read only the
-    attributes this module holds), so the stage computes exactly what the plain model does.
+    Args:
+        media: the model's `MediaEncoder` (`Flamingo.media_encoder()`).
+        embed_tokens: the LM's token embedding (maybe vocab-parallel).
+        sends_media: some later layer has a cross-attention block (else only (h, mask) travel).
     """
 
-    def __init__(self, model: Flamingo, sends_media: bool) -> None:
+    def __init__(self, media: MediaEncoder, embed_tokens: nn.Module, sends_media: bool) -> None:
         super().__init__()
-        self.vision, self.perceiver = model.vision, model.perceiver
-        self.embed_tokens = model.lm.embed_tokens
-        self.media_token_id, self.sends_media = model.media_token_id, sends_media
+        self.media, self.embed_tokens, self.sends_media = media, embed_tokens, sends_media
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         """Args: (images (B, M, 1, C, S, S), input_ids (B, T), attention_mask (B, T)).
@@ -92,26 +96,24 @@ class PipelineEmbed(StageLayer):
             h = h.detach().requires_grad_()
         if not self.sends_media:
             return h, mask
-        media = Flamingo.encode_media(self, images.detach().to(h.dtype))  # (B, M, N, Dv)
-        return h, media, Flamingo.text_time(self, input_ids), mask
+        media = self.media(images.detach().to(h.dtype))  # (B, M, N, Dv)
+        return h, media, self.media.text_time(input_ids), mask
 
 
 class PipelineBlock(StageLayer):
-    """Optional gated cross-attention block, then decoder layer i.
+    """One `FusionLayer`: optional gated cross-attention block, then decoder layer i.
 
     Args:
-        layer: decoder layer i.
-        xattn: the cross-attention block in front of it, or None.
-        cfg: the LM config (the attention context is rebuilt from the mask with
-            `DecoderLM.attention_context`, which reads only `.cfg`).
+        fusion: the model's fusion layer i (`Flamingo.fusion_layers()[i]`).
+        cfg: the LM config (each block rebuilds the attention context from the mask with
+            `decoder.attention_context`).
         receives_media: the input tuple still carries media and text_time.
         sends_media: the output tuple carries them on (False from the last cross-attention block).
     """
 
-    def __init__(self, layer: DecoderLayer, xattn: nn.Module | None, cfg, receives_media: bool,
-                 sends_media: bool) -> None:
+    def __init__(self, fusion: FusionLayer, cfg: LMConfig, receives_media: bool, sends_media: bool) -> None:
         super().__init__()
-        self.layer, self.xattn, self.cfg = layer, xattn, cfg
+        self.fusion, self.cfg = fusion, cfg
         self.receives_media, self.sends_media = receives_media, sends_media
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
@@ -120,28 +122,25 @@ class PipelineBlock(StageLayer):
             h, media, text_time, mask = inputs
         else:
             (h, mask), media, text_time = inputs, None, None
-        if self.xattn is not None:
-            h = self.xattn(h, media, text_time)
         if self.receives_media and not self.sends_media:
             # Media end here: keep them on the graph even when no token of this micro-batch
             # attends to an image, so the received latents always get a (zero) gradient.
             h = h + 0.0 * media.sum()
-        ctx = DecoderLM.attention_context(self, mask, h.shape[1], h.device, h.dtype)
-        h = self.touch_anchors(self.layer(h, ctx))
+        ctx = attention_context(self.cfg, mask, h.shape[1], h.device, h.dtype)
+        h = self.touch_anchors(self.fusion(h, ctx, media, text_time))
         return (h, media, text_time, mask) if self.sends_media else (h, mask)
 
 
 class PipelineHead(StageLayer):
-    """Last layer: final norm and LM head (`DecoderLM.logits`), vocab-sharded logits out."""
+    """Last layer: the LM's `LMHead` (final norm and head), vocab-sharded logits out."""
 
-    def __init__(self, lm: DecoderLM) -> None:
+    def __init__(self, head: LMHead) -> None:
         super().__init__()
-        self.norm, self.lm_head = lm.norm, lm.lm_head
-        self.embed_tokens = lm.embed_tokens if lm.lm_head is None else None
+        self.head = head
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """Args: (h (B, T, D), mask). Returns: logits (B, T, V_local)."""
-        return DecoderLM.logits(self, self.touch_anchors(inputs[0]))
+        return self.head(self.touch_anchors(inputs[0]))
 
 
 class PipelineLoss:
@@ -151,7 +150,7 @@ class PipelineLoss:
     every loss computed is also appended to it, detached, in micro-batch order; None records nothing.
     """
 
-    def __init__(self, loss: LossFn, vocab_group, vocab_start: int) -> None:
+    def __init__(self, loss: LossFn, vocab_group: dist.ProcessGroup | None, vocab_start: int) -> None:
         self.loss, self.vocab_group, self.vocab_start = loss, vocab_group, vocab_start
         self.__name__ = getattr(loss, "__name__", "loss")
         self.recorded: list[torch.Tensor] | None = None
@@ -241,7 +240,8 @@ class FlamingoPipelineModule(PipelineModule):
         **kwargs: passed to PipelineModule.
     """
 
-    def __init__(self, layers: list, parts: list[int], tied_group=None, tied_param=None, **kwargs) -> None:
+    def __init__(self, layers: list[nn.Module], parts: list[int], tied_group: dist.ProcessGroup | None = None,
+                 tied_param: nn.Parameter | None = None, **kwargs: Any) -> None:
         self._parts = list(parts)
         super().__init__(layers, **kwargs)
         self._tied = []
@@ -298,19 +298,17 @@ def _add_anchors(layers: list[StageLayer], parts: list[int]) -> None:
 
 def _build_layers(model: Flamingo, parts: list[int]) -> list[StageLayer]:
     """Embed, blocks and head, with anchors where a stage lacks a parameter group."""
-    lm, num_layers = model.lm, len(model.lm.layers)
-    with_xattn = [i for i in range(num_layers) if str(i) in model.xattn]
-    last_xattn = with_xattn[-1] if with_xattn else -1
-    embed = PipelineEmbed(model, sends_media=last_xattn >= 0)
-    blocks = [PipelineBlock(lm.layers[i], model.xattn[str(i)] if i in with_xattn else None, lm.cfg,
-                            receives_media=i <= last_xattn, sends_media=i < last_xattn)
-              for i in range(num_layers)]
-    layers: list[StageLayer] = [embed, *blocks, PipelineHead(lm)]
+    fusion = model.fusion_layers()
+    last_xattn = max((i for i, f in enumerate(fusion) if f.xattn is not None), default=-1)
+    embed = PipelineEmbed(model.media_encoder(), model.lm.embed_tokens, sends_media=last_xattn >= 0)
+    blocks = [PipelineBlock(f, model.lm.cfg, receives_media=i <= last_xattn, sends_media=i < last_xattn)
+              for i, f in enumerate(fusion)]
+    layers: list[StageLayer] = [embed, *blocks, PipelineHead(model.lm.head())]
     _add_anchors(layers, parts)
     return layers
 
 
-def _tied_added_group(model: Flamingo, groups: ProcessGroups):
+def _tied_added_group(model: Flamingo, groups: ProcessGroups) -> dist.ProcessGroup | None:
     """The {stage 0, last stage} group of this rank's (dp, tp), built collectively on every rank."""
     dims, mine = groups.dims, None
     for dp in range(dims.dp):
@@ -375,7 +373,7 @@ def build_pipeline_module(model: Flamingo, groups: ProcessGroups, loss: LossFn, 
     return module
 
 
-def _non_reentrant_checkpoint(function, *args):
+def _non_reentrant_checkpoint(function: Callable, *args: Any) -> Any:
     return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False)
 
 

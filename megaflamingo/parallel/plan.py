@@ -1,162 +1,122 @@
-"""The tensor-parallel plan: which modules of a built, plain Flamingo become which parallel layers.
+"""The tensor-parallel plan: which linear / embedding modules of a built Flamingo become parallel ones.
 
-Shapes: B batch, T text tokens, M media, N latents, D LM width, Dv vision width, H heads, G
-key/value heads, K head dim; `_local` is this rank's share (H / tp, G / tp).
+Shapes: B batch, T text tokens, D LM width, H heads, G key/value heads, K head dim; `_local` is
+this rank's share (H / tp, G / tp).
 
-`apply_tensor_parallel(model, groups)` swaps modules in place and keeps only the local shards:
+torchtitan-style: a plan is a table of module-path patterns (`*` = one path segment, a layer
+index) -> style, and `apply_tensor_parallel` swaps exactly the matching modules, nothing else:
 
-| module                                   | becomes                                         |
-|------------------------------------------|-------------------------------------------------|
-| lm.layers[i].attn                        | `TensorParallelSelfAttention` (local heads)     |
-|   q_proj, k_proj, v_proj                 | column-parallel (GQA: H/tp query, G/tp kv heads)|
-|   o_proj                                 | row-parallel                                    |
-| lm.layers[i].mlp.gate_proj, up_proj      | column-parallel                                 |
-| lm.layers[i].mlp.down_proj               | row-parallel                                    |
-| lm.embed_tokens (base table)             | `VocabParallelEmbedding` (`added` replicated)   |
-| lm.lm_head (untied)                      | column-parallel over the vocabulary             |
-| xattn[i]                                 | `TensorParallelCrossAttention` (local heads)    |
-|   to_q, to_kv (k and v halves apart)     | column-parallel                                 |
-|   to_out                                 | row-parallel                                    |
-|   ff.up / ff.down                        | column- / row-parallel                          |
-| norms, gates, perceiver, vision          | replicated (unchanged)                          |
+| style     | becomes                                   | used for                                   |
+|-----------|-------------------------------------------|--------------------------------------------|
+| column    | `ColumnParallelLinear` (output rows)      | q/k/v, gate/up, untied head, xattn to_q, ff.up |
+| column_kv | `ColumnParallelLinear`, k and v halves apart | xattn to_kv (fused [k; v])              |
+| row       | `RowParallelLinear` (input columns)       | o, down, xattn to_out, ff.down             |
+| vocab     | `VocabParallelEmbedding` (`added` replicated) | the token embedding's base table       |
+
+The LM part of the plan is the family's (`models.families.Family.tp_plan`, under `lm.`); the
+cross-attention part (`XATTN_TP_PLAN`, under `xattn.*.`) is the same for every family. Norms,
+gates, the Perceiver and the vision tower stay replicated. The model's own classes and forwards
+run unchanged on the shards: they read their local head counts off the projections' widths, and
+self-attention cuts ALiBi slopes to its shard's heads. One thing besides the swaps: tanh(attn_gate)
+scales the *local* cross-attention heads before the row-parallel to_out sums them, so each rank's
+gate gradient is a partial sum; `sum_gradient_over` makes it the full one (backward all-reduce,
+the adjoint of using one replicated gate on every rank).
 
 Parameter names do not change, so `gather_full_state` gives back the plain model's state dict.
 The logits then cover the vocabulary rows [`logits_vocab_start(model.lm)`, ...) of this rank.
+With tp == 1 nothing is swapped: the plain model trains as it is.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import re
+from typing import Callable, Mapping
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
-from megaflamingo.models.cross_attention import GatedCrossAttentionBlock
-from megaflamingo.models.decoder import AttentionContext, DecoderLM, SelfAttention
+from megaflamingo.models.decoder import DecoderLM
+from megaflamingo.models.families import family_of
 from megaflamingo.models.flamingo import Flamingo
-from megaflamingo.kernels.xattn import media_attention
-from megaflamingo.parallel.comm import copy_to_group
 from megaflamingo.parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
-    group_rank_size,
+    sum_gradient_over,
 )
 from megaflamingo.parallel.topology import ProcessGroups
 
+XATTN_TP_PLAN: dict[str, str] = {
+    "to_q": "column", "to_kv": "column_kv", "to_out": "row", "ff.up": "column", "ff.down": "row",
+}
+"""The gated cross-attention block's plan (relative to `xattn.<i>.`)."""
 
-def _split_heads(count: int, world: int, what: str) -> int:
-    if count % world:
-        raise ValueError(f"tensor parallelism over {world} ranks does not divide {what}={count}")
-    return count // world
+PARALLEL_STYLES: dict[str, Callable[[nn.Module, dist.ProcessGroup], nn.Module]] = {
+    "column": lambda m, g: ColumnParallelLinear.from_linear(m, g),
+    "column_kv": lambda m, g: ColumnParallelLinear.from_linear(m, g, parts=2),
+    "row": lambda m, g: RowParallelLinear.from_linear(m, g),
+    "vocab": lambda m, g: VocabParallelEmbedding(m, g),
+}
+"""Style name -> builder of the parallel module from the full one."""
 
 
-class TensorParallelSelfAttention(SelfAttention):
-    """SelfAttention over this rank's heads: q/k/v column-parallel, o row-parallel.
+def flamingo_tp_plan(model: Flamingo) -> dict[str, str]:
+    """The whole model's plan: the LM family's under `lm.`, `XATTN_TP_PLAN` under `xattn.*.`."""
+    lm_plan = family_of(model.lm.cfg).tp_plan
+    return {**{f"lm.{k}": v for k, v in lm_plan.items()}, **{f"xattn.*.{k}": v for k, v in XATTN_TP_PLAN.items()}}
 
-    Query heads [head_start, head_start + H_local) and their key/value heads (GQA keeps whole
-    groups together: local query head j uses local kv head j // (H / G)). ALiBi slopes and the
-    ALiBi SDPA mask in the shared AttentionContext cover all H heads; `forward` takes this rank's
-    slice of them, so the context is built once per forward exactly as in the plain model.
+
+def _compile(plan: Mapping[str, str]) -> list[tuple[re.Pattern, str]]:
+    """Patterns as regular expressions (`*` = one dotted segment); unknown styles rejected."""
+    compiled = []
+    for pattern, style in plan.items():
+        if style not in PARALLEL_STYLES:
+            raise ValueError(f"TP plan entry '{pattern}': unknown style '{style}' "
+                             f"(expected {', '.join(PARALLEL_STYLES)})")
+        regex = r"\.".join("[^.]+" if part == "*" else re.escape(part) for part in pattern.split("."))
+        compiled.append((re.compile(regex + "$"), style))
+    return compiled
+
+
+def apply_plan(model: nn.Module, plan: Mapping[str, str], group: dist.ProcessGroup) -> list[str]:
+    """Swap every module whose path matches a plan pattern for its parallel version, in place.
 
     Args:
-        attn: the plain module (its full projections are sharded, then dropped).
+        model: the module to parallelise (every rank of `group` holds the same full weights).
+        plan: module-path pattern -> style (see the module docstring).
         group: the tensor-parallel process group.
+    Returns:
+        The paths swapped, in module order.
+    Raises:
+        ValueError: a style not in `PARALLEL_STYLES`.
     """
-
-    def __init__(self, attn: SelfAttention, group) -> None:
-        nn.Module.__init__(self)
-        rank, world = group_rank_size(group)
-        self.num_heads = _split_heads(attn.num_heads, world, "num_heads")
-        self.num_kv_heads = _split_heads(attn.num_kv_heads, world, "num_kv_heads")
-        self.head_dim, self.qkv_clip = attn.head_dim, attn.qkv_clip
-        self.head_start = rank * self.num_heads
-        self.q_proj = ColumnParallelLinear.from_linear(attn.q_proj, group)
-        self.k_proj = ColumnParallelLinear.from_linear(attn.k_proj, group)
-        self.v_proj = ColumnParallelLinear.from_linear(attn.v_proj, group)
-        self.o_proj = RowParallelLinear.from_linear(attn.o_proj, group)
-
-    def local_context(self, ctx: AttentionContext) -> AttentionContext:
-        """ctx with per-head tensors (ALiBi slopes, ALiBi mask) cut to this rank's heads."""
-        if ctx.alibi_slopes is None:
-            return ctx
-        heads = slice(self.head_start, self.head_start + self.num_heads)
-        mask = ctx.sdpa_mask
-        if mask is not None and mask.shape[1] > 1:  # (B or 1, H, T, T) additive ALiBi mask
-            mask = mask[:, heads]
-        return dataclasses.replace(ctx, alibi_slopes=ctx.alibi_slopes[heads], sdpa_mask=mask)
-
-    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        """Args: x (B, T, D) replicated; ctx for all heads. Returns: (B, T, D) replicated."""
-        return super().forward(x, self.local_context(ctx))
+    compiled, swapped = _compile(plan), []
+    for path, module in list(model.named_modules()):
+        style = next((s for regex, s in compiled if regex.match(path)), None)
+        if style is None:
+            continue
+        parent, _, name = path.rpartition(".")
+        setattr(model.get_submodule(parent), name, PARALLEL_STYLES[style](module, group))
+        swapped.append(path)
+    return swapped
 
 
-class TensorParallelCrossAttention(GatedCrossAttentionBlock):
-    """GatedCrossAttentionBlock over this rank's heads (all heads when group is None).
-
-    Same computation as the plain block, with two additions:
-    - the attention gate enters through copy_to_group, because tanh(attn_gate) multiplies the
-      *local* heads before the row-parallel to_out sums them: its gradient is a sum over ranks
-      (forward: identity; backward: all-reduce). The FF gate multiplies the already-reduced FF
-      output and needs nothing;
-    - q, k and v stay on the autograd graph (+ 0 * their sums) when no token of the micro-batch
-      attends to an image: the gather reference then returns zeros without touching them, and
-      to_q, to_kv and the Perceiver would get no gradient on this rank only. ZeRO-2/3 reduce
-      gradients from per-parameter hooks in backward, so such a rank would send different buckets
-      from its peers (a gloo size mismatch). Adding 0.0 changes no value.
-
-    Args:
-        block: the plain block (projections sharded; norms and gates kept as they are).
-        group: the tensor-parallel process group, or None (no sharding).
-    """
-
-    def __init__(self, block: GatedCrossAttentionBlock, group) -> None:
-        nn.Module.__init__(self)
-        _, world = group_rank_size(group)
-        self.heads = _split_heads(block.heads, world, "xattn heads")
-        self.dim_head, self.impl, self.group = block.dim_head, block.impl, group
-        self.norm = block.norm
-        self.to_q = ColumnParallelLinear.from_linear(block.to_q, group)
-        self.to_kv = ColumnParallelLinear.from_linear(block.to_kv, group, parts=2)
-        self.to_out = RowParallelLinear.from_linear(block.to_out, group)
-        self.attn_gate = block.attn_gate
-        self.ff = block.ff
-        self.ff.up = ColumnParallelLinear.from_linear(block.ff.up, group)
-        self.ff.down = RowParallelLinear.from_linear(block.ff.down, group)
-        self.ff_gate = block.ff_gate
-
-    def forward(self, h: torch.Tensor, media: torch.Tensor, text_time: torch.Tensor) -> torch.Tensor:
-        """Args: h (B, T, D); media (B, M, N, Dv); text_time (B, T) long. Returns: (B, T, D)."""
-        H, K = self.heads, self.dim_head
-        q = self.to_q(self.norm(h)).unflatten(-1, (H, K)).transpose(1, 2)  # (B, H_local, T, K)
-        k, v = self.to_kv(media).unflatten(-1, (2, H, K)).unbind(dim=3)  # 2 x (B, M, N, H_local, K)
-        k, v = k.transpose(2, 3), v.transpose(2, 3)  # (B, M, H_local, N, K)
-        gate = self.attn_gate if self.group is None else copy_to_group(self.attn_gate, self.group)
-        attn = media_attention(q, k, v, text_time, gate=gate, impl=self.impl)  # (B, H_local, T, K)
-        attn = attn + 0.0 * (q.sum() + k.sum() + v.sum())  # every trainable weight on the graph
-        h = h + self.to_out(attn.transpose(1, 2).flatten(-2))
-        return h + torch.tanh(self.ff_gate) * self.ff(h)
-
-
-def _parallelize_decoder(lm: DecoderLM, group) -> None:
-    for layer in lm.layers:
-        layer.attn = TensorParallelSelfAttention(layer.attn, group)
-        mlp = layer.mlp
-        if mlp.gate_proj is not None:
-            mlp.gate_proj = ColumnParallelLinear.from_linear(mlp.gate_proj, group)
-        mlp.up_proj = ColumnParallelLinear.from_linear(mlp.up_proj, group)
-        mlp.down_proj = RowParallelLinear.from_linear(mlp.down_proj, group)
-    lm.embed_tokens = VocabParallelEmbedding(lm.embed_tokens, group)
-    if lm.lm_head is not None:
-        lm.lm_head = ColumnParallelLinear.from_linear(lm.lm_head, group)
+def _check_divisible(model: Flamingo, world: int) -> None:
+    cfg = model.lm.cfg
+    counts = {"num_heads": cfg.num_heads, "num_kv_heads": cfg.num_kv_heads or cfg.num_heads}
+    counts.update({f"xattn.{i}.heads": block.heads for i, block in model.xattn.items()})
+    for what, count in counts.items():
+        if count % world:
+            raise ValueError(f"tensor parallelism over {world} ranks does not divide {what}={count}")
 
 
 def apply_tensor_parallel(model: Flamingo, groups: ProcessGroups) -> Flamingo:
-    """Swap a built, plain Flamingo's modules for tensor-parallel ones over `groups.tp`, in place.
+    """Swap a built, plain Flamingo's linear / embedding modules for tensor-parallel ones, in place.
 
     Every rank of the group must hold the same full weights when this is called (build with the
-    same seed or load the same checkpoint); each keeps only its shards. With tp == 1 only the
-    cross-attention blocks are swapped (unsharded), for the graph guarantee their class documents.
+    same seed or load the same checkpoint); each keeps only its shards. With tp == 1 the model is
+    returned unchanged.
 
     Args:
         model: the plain model, trainable set already fixed.
@@ -166,11 +126,12 @@ def apply_tensor_parallel(model: Flamingo, groups: ProcessGroups) -> Flamingo:
     Raises:
         ValueError: tp does not divide the LM's query or key/value heads or the xattn heads.
     """
-    group = groups.tp if groups.dims.tp > 1 else None
-    if group is not None:
-        _parallelize_decoder(model.lm, group)
-    for name in list(model.xattn.keys()):
-        model.xattn[name] = TensorParallelCrossAttention(model.xattn[name], group)
+    if groups.dims.tp == 1:
+        return model
+    _check_divisible(model, groups.dims.tp)
+    apply_plan(model, flamingo_tp_plan(model), groups.tp)
+    for block in model.xattn.values():
+        sum_gradient_over(block.attn_gate, groups.tp)
     return model
 
 

@@ -46,7 +46,8 @@ def measure_step(cfg: ModelConfig, B: int, T: int, M: int, first_image: int = 0)
             F.cross_entropy(logits.flatten(0, 1), ids.flatten()).backward()
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
-    vision = sum(counter.get_flop_counts()["Flamingo.vision"].values())
+    # the vision tower runs inside the MediaEncoder view (models.fusion), which names its scope
+    vision = sum(counter.get_flop_counts()["MediaEncoder.vision"].values())
     return counter.get_total_flops(), vision
 
 
