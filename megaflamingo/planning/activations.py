@@ -23,8 +23,8 @@ frozen decoder layer keeps only what its norms, activation function and attentio
 | head + loss (per token)         | 8 V_l (two fp32 (B, T, V_l) tensors of the cross entropy)        |
 |                                 | + the final norm's input                                         |
 
-Transients (alive at the peak, not saved): the head's logits and their gradients, (8 + a) V_l per
-token; under activation checkpointing one layer's full activations while it is recomputed; the
+Transients (alive at the peak, not saved): the logits while the loss runs, a V_l per token (+ 4 V_l
+for their fp32 copy under bf16); under activation checkpointing one layer's full activations while it is recomputed; the
 vision tower's forward (no_grad) on the first stage.
 """
 
@@ -115,8 +115,9 @@ def head_bytes(lm: LMConfig, vocab_local: int, mb: MicroBatch, a: int) -> float:
 
 
 def head_transient_bytes(vocab_local: int, mb: MicroBatch, a: int) -> float:
-    """Logits and their gradients alive around the loss: (8 + a) V_l per token."""
-    return mb.batch * mb.seq_len * (8 + a) * vocab_local
+    """The logits, alive while the cross entropy runs: a V_l per token, + 4 V_l for their fp32
+    copy when a != 4 (the backward frees the saved fp32 tensors as it makes their gradients)."""
+    return mb.batch * mb.seq_len * (a + (4 if a != 4 else 0)) * vocab_local
 
 
 def vision_transient_bytes(v: VisionShape, mb: MicroBatch, a: int) -> float:

@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 import yaml
 
-from megaflamingo.config import Config, ConfigError, LMConfig, config_from_dict
+from megaflamingo.config import Config, ConfigError, config_from_dict
 from megaflamingo.config import _apply_override as apply_override  # the loader's own key=value rule
 
 ADDED_TOKENS = 3
@@ -47,17 +47,14 @@ def _drop_absent_files(raw: dict, notes: list[str]) -> None:
 
 
 def _fill_vocab(raw: dict, notes: list[str]) -> None:
-    """Token ids and vocabulary rows without a tokenizer: the LM's vocabulary + 3 added rows."""
+    """A checkpoint LM without its tokenizer: config.json's vocabulary + 3 added rows and their ids."""
     model = raw["model"]
-    if model.get("tokenizer") is not None or model.get("vocab_size") is not None:
-        return
     lm = model.get("lm") or {}
-    if lm.get("hf_path") is not None:
-        from megaflamingo.models.hf_weights import lm_config_from_hf
+    if model.get("tokenizer") is not None or model.get("vocab_size") is not None or lm.get("hf_path") is None:
+        return  # an inline LM without a tokenizer keeps its own rows and ids, as in training
+    from megaflamingo.models.hf_weights import lm_config_from_hf
 
-        base = lm_config_from_hf(lm["hf_path"]).vocab_size
-    else:
-        base = lm.get("vocab_size", LMConfig.vocab_size)
+    base = lm_config_from_hf(lm["hf_path"]).vocab_size
     ids = dict(vocab_size=base + ADDED_TOKENS, eoc_token_id=base, media_token_id=base + 1, pad_token_id=base + 2)
     for key, value in ids.items():
         model.setdefault(key, value)

@@ -96,19 +96,17 @@ class Plan:
 
 
 def _streams(cfg: Config, dims: ParallelDims) -> list[StreamPlan]:
+    """The streams with shards (every stream when none has any), laid out on `dims`."""
     from megaflamingo.training.engine import batch_layout
 
+    names = [n for n in ("laion", "mmc4") if getattr(cfg.data, n).shards is not None] or ["laion", "mmc4"]
     out = []
-    for name in ("laion", "mmc4"):
+    for name in names:
         s = getattr(cfg.data, name)
-        if s.shards is None:
-            continue
         micro, gas = batch_layout(s.batch_size, dims, s.micro_batch_size)
         flops = count_flops(cfg.model, s.seq_len, s.max_num_media, recompute=cfg.parallel.activation_checkpointing)
         out.append(StreamPlan(name, s.batch_size, act.MicroBatch(micro, s.seq_len, s.max_num_media), gas,
                               flops.true, flops.hardware))
-    if not out:
-        raise ConfigError("data: no stream has shards; a plan needs data.laion.shards or data.mmc4.shards")
     return out
 
 
@@ -187,6 +185,9 @@ def build_plan(cfg: Config, world_size: int, hosts: list[str] | None = None, gpu
     dims = check_layout(cfg, world_size)
     model = meta_model(cfg)
     streams, parts = _streams(cfg, dims), _partition(cfg, model, dims.pp)
+    notes = list(notes or [])
+    if all(getattr(cfg.data, s.name).shards is None for s in streams):
+        notes.append("no stream has shards: both streams planned with their configured batch sizes")
     a = 2 if cfg.train.precision == "bf16" else 4
     vocab = model.lm.embed_tokens.num_embeddings
     gas, cache, ranks = sum(s.accumulation for s in streams), {}, []
@@ -203,7 +204,7 @@ def build_plan(cfg: Config, world_size: int, hosts: list[str] | None = None, gpu
             cache[key] = (counts, _memory(cfg, counts, dims, activation))
         counts, memory = cache[key]
         ranks.append(RankPlan(rank, hosts[rank] if hosts else "-", c, counts, dict(memory)))
-    return Plan(dims, parts, streams, ranks, gpu_mem, list(notes or []))
+    return Plan(dims, parts, streams, ranks, gpu_mem, notes)
 
 
 def check_fits(plan: Plan) -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from megaflamingo.planning.plan import GiB, Plan, RankPlan
 
-_TERMS = (("frozen_weights", "frozen W"), ("trainable_weights", "train W"), ("gradients", "grads"),
-          ("optimizer", "optim"), ("zero3_gather", "z3 gather"), ("activations", "activ"))
+_TERMS = (("frozen_weights", "frozenW"), ("trainable_weights", "trainW"), ("gradients", "grads"),
+          ("optimizer", "optim"), ("zero3_gather", "z3gather"), ("activations", "activ"))
 
 
 def _gib(value: float) -> str:
