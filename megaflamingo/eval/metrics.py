@@ -171,9 +171,13 @@ def cider(candidates: dict[Hashable, str], references: dict[Hashable, list[str]]
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
     ids = list(candidates)
-    tokenizer = PTBTokenizer()
-    gts = tokenizer.tokenize({i: [{"caption": c} for c in references[i]] for i in ids})
-    res = tokenizer.tokenize({i: [{"caption": candidates[i]}] for i in ids})
+    # One Java run for references and candidates (COCOEvalCap runs two): the tokenizer works line
+    # by line (-preserveLines), so the tokens are the same.
+    both = {("ref", n): [{"caption": c} for c in references[i]] for n, i in enumerate(ids)}
+    both.update({("cand", n): [{"caption": candidates[i]}] for n, i in enumerate(ids)})
+    tokens = PTBTokenizer().tokenize(both)
+    gts = {i: tokens[("ref", n)] for n, i in enumerate(ids)}
+    res = {i: tokens[("cand", n)] for n, i in enumerate(ids)}
     score, scores = Cider().compute_score(gts, res)
     return {"score": float(score), "per_image": {i: float(s) for i, s in zip(gts, scores)}}
 

@@ -57,6 +57,20 @@ class TrialSettings:
     vqa_mode: str = "openflamingo"
 
 
+def build_prompts(task: TaskSpec, items: list[Example], demos: list[list[Example]],
+                  shots: int) -> tuple[list[str], list[list[Example]]]:
+    """OpenFlamingo's prompt text and image list per item (0-shot: demo text without `<image>`,
+    the query image only)."""
+    texts, image_lists = [], []
+    for item, its_demos in zip(items, demos):
+        context = "".join(task.demo_prompt(d) for d in its_demos)
+        if shots == 0:
+            context = context.replace("<image>", "")
+        texts.append(context + task.query_prompt(item))
+        image_lists.append((list(its_demos) if shots > 0 else []) + [item])
+    return texts, image_lists
+
+
 @dataclass
 class Evaluator:
     """A model with its tokenizer and image transform, ready to evaluate.
@@ -101,13 +115,7 @@ class Evaluator:
     @torch.no_grad()
     def run_batch(self, task: TaskSpec, items: list[Example], demos: list[list[Example]], shots: int) -> list:
         """Predictions for one batch: answer/caption strings, or P(class 1) for classification."""
-        texts, image_lists = [], []
-        for item, its_demos in zip(items, demos):
-            context = "".join(task.demo_prompt(d) for d in its_demos)
-            if shots == 0:
-                context = context.replace("<image>", "")
-            texts.append(context + task.query_prompt(item))
-            image_lists.append((list(its_demos) if shots > 0 else []) + [item])
+        texts, image_lists = build_prompts(task, items, demos, shots)
         vision_x, ids, mask = self.batch_inputs(image_lists, texts)
         decoder = self.make_decoder(self.model)
         if task.kind == "classification":

@@ -71,14 +71,19 @@ def resolve_checkpoint(cfg, checkpoint: str) -> Path | None:
     return path
 
 
-def build_evaluator(cfg, checkpoint: Path | None, device: torch.device) -> Evaluator:
-    """The config's model with the checkpoint's trainable weights, its tokenizer and transform."""
+def build_evaluator(cfg, checkpoint: Path | None, device: torch.device, seed: int = 0) -> Evaluator:
+    """The config's model with the checkpoint's trainable weights, its tokenizer and transform.
+
+    Weights that neither the config's sources nor the checkpoint provide (a random tower or LM in
+    tests) are drawn after `torch.manual_seed(seed)`, so every rank and every run builds the same model.
+    """
     from megaflamingo.data.images import build_image_transform
     from megaflamingo.data.tokenizer import load_tokenizer
     from megaflamingo import build_model
     from megaflamingo.training.checkpoint import load_trainable_weights
 
     tokenizer, ids = load_tokenizer(cfg.model.tokenizer)
+    torch.manual_seed(seed)
     model = build_model(cfg.model).eval()
     if checkpoint is not None:
         load_trainable_weights(model, checkpoint)

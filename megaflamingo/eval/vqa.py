@@ -1,4 +1,7 @@
-"""VQA evaluation: OpenFlamingo's prompt, greedy answers, post-processing and VQA accuracy.
+"""The first demo evaluation loop (zero-shot greedy VQA, no KV cache, a light answer normalisation).
+
+`launcher/evaluate.py` now runs the suite (`megaflamingo/eval/suite.py`) for the demo too; this
+module stays as an independent reference that tests compare the suite's easy-vqa number with.
 
 Shapes: B batch, M media, T text tokens.
 
