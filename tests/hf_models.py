@@ -55,6 +55,11 @@ _VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         hidden_act="gelu_new",
         rope_parameters={"rope_type": "default", "rope_theta": 20000.0,
                          "partial_rotary_factor": 0.5})),
+    "qwen2_untied": ("qwen2", dict(
+        num_hidden_layers=2, num_key_value_heads=2, intermediate_size=96, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+    "qwen2_tied": ("qwen2", dict(
+        num_hidden_layers=3, num_key_value_heads=1, intermediate_size=128, tie_word_embeddings=True)),
 }
 
 VARIANTS: tuple[str, ...] = tuple(_VARIANTS)
@@ -63,7 +68,7 @@ VARIANTS: tuple[str, ...] = tuple(_VARIANTS)
 
 def tiny_hf_config(variant: str, **overrides: Any):
     """The transformers config object of one variant (`overrides` replace config kwargs)."""
-    from transformers import GPTNeoXConfig, LlamaConfig, MptConfig
+    from transformers import GPTNeoXConfig, LlamaConfig, MptConfig, Qwen2Config
 
     if variant not in _VARIANTS:
         raise ValueError(f"unknown tiny LM variant '{variant}'; choose from {', '.join(VARIANTS)}")
@@ -74,6 +79,8 @@ def tiny_hf_config(variant: str, **overrides: Any):
                               **kwargs})
     if model_type == "mpt":
         return MptConfig(**{"d_model": 64, "n_heads": 4, "max_seq_len": 64, **kwargs})
+    if model_type == "qwen2":
+        return Qwen2Config(**{"hidden_size": 64, "num_attention_heads": 4, "rms_norm_eps": 1e-5, **kwargs})
     return GPTNeoXConfig(**{"hidden_size": 64, "num_attention_heads": 4, **kwargs})
 
 
@@ -112,7 +119,8 @@ def save_tiny_hf_lm(variant: str, out_dir: str | Path, seed: int = 0, **override
 
     Args:
         variant: one of `VARIANTS` (llama_gqa, llama_tied, llama_rope_linear, llama_rope_llama3,
-            llama_rope_dynamic, mpt, mpt_6_heads, gpt_neox_parallel, gpt_neox_sequential).
+            llama_rope_dynamic, mpt, mpt_6_heads, gpt_neox_parallel, gpt_neox_sequential,
+            qwen2_untied, qwen2_tied).
         out_dir: directory to write config.json + model.safetensors into (created if needed).
         seed: weight seed.
         **overrides: transformers config kwargs replacing the variant's (e.g. vocab_size=303).

@@ -241,9 +241,34 @@ GPT_NEOX = Family(
     openflamingo_writes_head=True,
 )
 
+# ----------------------------------------------------------------------------- qwen2
+
+
+def _qwen2_config(raw: dict) -> LMConfig:
+    layers = raw["num_hidden_layers"]
+    window = raw.get("sliding_window") if raw.get("use_sliding_window", False) else None
+    kinds = raw.get("layer_types") or ["sliding_attention" if window is not None and i >= raw.get(
+        "max_window_layers", 28) else "full_attention" for i in range(layers)]
+    if "sliding_attention" in kinds:
+        raise ValueError("Qwen2 sliding-window attention (use_sliding_window / layer_types) is not supported")
+    theta, scaling, _ = rope_fields(raw)
+    return LMConfig(
+        family="qwen2", **common_sizes(raw), num_kv_heads=raw.get("num_key_value_heads"),
+        head_dim=raw.get("head_dim"), intermediate_size=raw["intermediate_size"],
+        norm_eps=raw.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
+        hidden_act=raw.get("hidden_act", "silu"),
+    )
+
+
+QWEN2 = Family(  # Qwen2 / Qwen2.5: LLaMA with q/k/v biases (no o bias), GQA, tied or untied head
+    name="qwen2", model_types=("qwen2",), read_hf_config=_qwen2_config, weight_rules=LLAMA_STYLE_RULES,
+    tp_plan=GATED_MLP_TP, norm="rms", positions="rope", gated_mlp=True,
+    qkv_bias=True, o_bias=False, mlp_bias=False, openflamingo_tied_head_alias=True,
+)
+
 # ----------------------------------------------------------------------------- the table
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (LLAMA, MPT, GPT_NEOX)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (LLAMA, MPT, GPT_NEOX, QWEN2)}
 """Every LM family we build, by `LMConfig.family`."""
 
 

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from megaflamingo.config import LMConfig
 from megaflamingo.models.attention import attention_backend, self_attention
 from megaflamingo.models.decoder import build_decoder
+from megaflamingo.models.families import FAMILIES
 from megaflamingo.models.hf_weights import (
     hf_to_ours,
     lm_config_from_hf,
@@ -108,7 +109,7 @@ def test_layer_by_layer_composition_equals_forward(saved):
         assert torch.equal(model(ids, torch.ones(B, T)), model(ids))
 
 
-@pytest.mark.parametrize("variant", ["llama_gqa", "llama_tied", "gpt_neox_parallel"])
+@pytest.mark.parametrize("variant", ["llama_gqa", "llama_tied", "gpt_neox_parallel", "qwen2_tied"])
 def test_vocab_resize_keeps_shared_rows(saved, variant):
     path = saved(variant)
     base = load_hf_lm(path)
@@ -176,6 +177,19 @@ def test_unknown_model_type_is_a_clear_error(tmp_path):
         load_hf_lm(tmp_path)
 
 
+def test_qwen2_sliding_window_is_a_clear_error(tmp_path):
+    path = save_tiny_hf_lm("qwen2_untied", tmp_path, use_sliding_window=True, sliding_window=4,
+                           max_window_layers=1)
+    with pytest.raises(ValueError, match="sliding-window"):
+        lm_config_from_hf(path)
+
+
+def test_qwen2_biases_are_on_qkv_only(saved):
+    layer = load_hf_lm(saved("qwen2_tied")).layers[0]
+    assert all(getattr(layer.attn, p).bias is not None for p in ("q_proj", "k_proj", "v_proj"))
+    assert layer.attn.o_proj.bias is None and layer.mlp.up_proj.bias is None
+
+
 def test_unsupported_mpt_option_is_a_clear_error(tmp_path):
     path = save_tiny_hf_lm("mpt", tmp_path, attn_config={"qk_ln": True})
     with pytest.raises(ValueError, match="qk_ln"):
@@ -226,10 +240,10 @@ def test_unsupported_rope_scaling_is_a_clear_error():
         build_decoder(cfg)
 
 
-@pytest.mark.parametrize("family", ["llama", "mpt", "gpt_neox"])
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_inline_config_builds_and_runs(family):
     cfg = LMConfig(family=family, vocab_size=50, hidden_size=32, num_layers=2, num_heads=4,
-                   num_kv_heads=2 if family == "llama" else None, rotary_pct=0.5,
+                   num_kv_heads=2 if FAMILIES[family].grouped_query else None, rotary_pct=0.5,
                    tie_word_embeddings=family != "gpt_neox")
     model = build_decoder(cfg, vocab_size=53, trainable_ids=(51, 52))
     with torch.no_grad():

@@ -45,6 +45,9 @@ FAMILIES = {
     # GPT-NeoX: partial rotary, parallel residual, biases everywhere (column shards, row replicated).
     "gpt_neox": dict(lm=dict(family="gpt_neox", rotary_pct=0.25, use_parallel_residual=True, attention_bias=True,
                              hidden_act="gelu", intermediate_size=48), every_n=2),
+    # Qwen2: q/k/v biases (column shards) without an o bias, GQA, tied head, a block before every layer.
+    "qwen2": dict(lm=dict(family="qwen2", num_kv_heads=2, intermediate_size=48, tie_word_embeddings=True),
+                  every_n=1),
 }
 
 

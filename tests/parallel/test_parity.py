@@ -1,7 +1,8 @@
 """Every parallel layout trains like the single-process model: same loss at every step, same
 updated trainable parameters (gathered from the shards), for a LLaMA (GQA, untied head) and an MPT
-(ALiBi, tied head) Flamingo (and GPT-NeoX for TP2 and PP2), 3 AdamW steps in fp32 on one global batch whose samples carry 0, 1
-or 2 real images (one whole micro-batch has none: it must neither hang nor change the numbers).
+(ALiBi, tied head) Flamingo (and GPT-NeoX and Qwen2 for TP2 and PP2), 3 AdamW steps in fp32 on
+one global batch whose samples carry 0, 1 or 2 real images (one whole micro-batch has none: it
+must neither hang nor change the numbers).
 
 One spawn per world size runs all its layouts in turn (`cases.run_layouts`); the tests below
 only read the results. See `cases` for why updated parameters also pin the gradients.
@@ -30,13 +31,15 @@ EXTRA = {  # LLaMA only: options that must not change the numbers, and the ZeRO-
     8: [],
 }
 NEOX = {2: [Layout("tp2", tp=2), Layout("pp2", pp=2)], 4: [], 8: []}  # GPT-NeoX: the TP plan and stages
+QWEN2 = {2: [Layout("tp2", tp=2), Layout("pp2", pp=2)], 4: [], 8: []}  # Qwen2: one family-table entry
 BF16 = {2: [Layout("dp2-zero1-bf16", zero=1, precision="bf16"), Layout("pp2-bf16", pp=2, precision="bf16")],
         4: [], 8: []}
 
 
 def layouts_for(world: int) -> list[Layout]:
     per_family = [l for family in ("llama", "mpt") for l in with_family(PARITY[world], family)]
-    return per_family + with_family(EXTRA[world] + BF16[world], "llama") + with_family(NEOX[world], "gpt_neox")
+    return (per_family + with_family(EXTRA[world] + BF16[world], "llama") + with_family(NEOX[world], "gpt_neox")
+            + with_family(QWEN2[world], "qwen2"))
 
 
 CASES = [(world, layout) for world in PARITY for layout in layouts_for(world)]
