@@ -133,6 +133,20 @@ class AttentionContext:
     """`build_sdpa_mask` of the above, or None where SDPA needs none or flash-attn runs."""
 
 
+@dataclass
+class KVSlot:
+    """One layer's keys and values of the tokens already run, for decoding with a cache.
+
+    `SelfAttention` prepends them to the new tokens' keys/values (post-RoPE) and stores the
+    result back here, so a caller that passes fresh slots keeps the previous ones unchanged.
+    """
+
+    k: torch.Tensor | None = None
+    """(B, G, P, K) keys, or None before the first call."""
+    v: torch.Tensor | None = None
+    """(B, G, P, K) values."""
+
+
 # ----------------------------------------------------------------------------- modules
 
 
@@ -202,8 +216,9 @@ class SelfAttention(nn.Module):
             mask = mask[:, heads]
         return dataclasses.replace(ctx, alibi_slopes=ctx.alibi_slopes[heads], sdpa_mask=mask)
 
-    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        """Args: x (B, T, D) normed input; ctx from `attention_context` (all H heads).
+    def forward(self, x: torch.Tensor, ctx: AttentionContext, kv: KVSlot | None = None) -> torch.Tensor:
+        """Args: x (B, T, D) normed input; ctx from `attention_context` (all H heads; with
+        `past_len` = P when kv holds P tokens); kv: the cache slot of this layer, or None.
         Returns: (B, T, D)."""
         q_BHTK = self._heads(x, self.q_proj)  # H_local query heads
         k_BGTK = self._heads(x, self.k_proj)  # G_local key/value heads
@@ -211,6 +226,10 @@ class SelfAttention(nn.Module):
         if ctx.cos is not None:
             q_BHTK = apply_rope(q_BHTK, ctx.cos, ctx.sin)
             k_BGTK = apply_rope(k_BGTK, ctx.cos, ctx.sin)
+        if kv is not None:  # keys/values become (B, G, P + T, K)
+            if kv.k is not None:
+                k_BGTK, v_BGTK = torch.cat([kv.k, k_BGTK], dim=2), torch.cat([kv.v, v_BGTK], dim=2)
+            kv.k, kv.v = k_BGTK, v_BGTK
         local = self._local_context(ctx, q_BHTK.shape[1])
         out_BHTK = self_attention(q_BHTK, k_BGTK, v_BGTK, causal=True,
                                   key_padding_mask=local.key_padding_mask,
@@ -250,9 +269,10 @@ class DecoderLayer(nn.Module):
         self.attn_norm, self.attn = build_norm(cfg), SelfAttention(cfg)
         self.mlp_norm, self.mlp = build_norm(cfg), MLP(cfg)
 
-    def forward(self, h: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        """Args: h (B, T, D); ctx from `attention_context`. Returns: (B, T, D)."""
-        attn_BTD = self.attn(self.attn_norm(h), ctx)
+    def forward(self, h: torch.Tensor, ctx: AttentionContext, kv: KVSlot | None = None) -> torch.Tensor:
+        """Args: h (B, T, D); ctx from `attention_context`; kv: cache slot (decoding) or None.
+        Returns: (B, T, D)."""
+        attn_BTD = self.attn(self.attn_norm(h), ctx, kv)
         if self.parallel_residual:
             return self.mlp(self.mlp_norm(h)) + attn_BTD + h  # transformers' summation order
         h = h + attn_BTD
@@ -260,20 +280,23 @@ class DecoderLayer(nn.Module):
 
 
 def attention_context(cfg: LMConfig, attention_mask: torch.Tensor | None, seq_len: int,
-                      device: torch.device | str, dtype: torch.dtype) -> AttentionContext:
+                      device: torch.device | str, dtype: torch.dtype, past_len: int = 0) -> AttentionContext:
     """Positions and masks for one forward, shared by all layers (and rebuilt by pipeline stages).
 
     Args:
         cfg: the LM config (family positions, heads, RoPE settings).
-        attention_mask: (B, T), 1 = real token, 0 = padding (left or right); None = no padding.
-        seq_len: T.
+        attention_mask: (B, P + T), 1 = real token, 0 = padding (left or right); None = no padding.
+        seq_len: T, the tokens this forward runs.
         device: device of the hidden states.
         dtype: dtype of the hidden states (RoPE tables and float masks follow it).
+        past_len: P, tokens already in the layers' KV cache (decoding); their positions come first.
     Returns:
-        An `AttentionContext` covering all H heads.
+        An `AttentionContext` covering all H heads (RoPE tables and mask rows of the T new tokens).
     Raises:
-        ValueError: attention_mask is not (B, T).
+        ValueError: attention_mask is not (B, P + T).
     """
+    if past_len:
+        return _cached_context(cfg, attention_mask, seq_len, past_len, device, dtype)
     key_padding = None
     if attention_mask is not None:
         if attention_mask.ndim != 2 or attention_mask.shape[1] != seq_len:
@@ -291,6 +314,21 @@ def attention_context(cfg: LMConfig, attention_mask: torch.Tensor | None, seq_le
         sdpa_mask = build_sdpa_mask(key_padding, seq_len, causal=True, alibi_slopes=slopes,
                                     device=device, dtype=dtype)
     return AttentionContext(seq_len, cos, sin, key_padding, slopes, sdpa_mask)
+
+
+def _cached_context(cfg: LMConfig, attention_mask: torch.Tensor | None, seq_len: int, past_len: int,
+                    device: torch.device | str, dtype: torch.dtype) -> AttentionContext:
+    """`attention_context` for T new tokens after P cached ones: the last T rows of the full
+    (P + T) context. The mask is always explicit (SDPA's `is_causal` aligns a T x (P + T) mask
+    top-left), except where flash-attn runs mask-free (its causal mask aligns bottom-right)."""
+    full = attention_context(cfg, attention_mask, past_len + seq_len, device, dtype)
+    cos, sin = (None, None) if full.cos is None else (full.cos[past_len:], full.sin[past_len:])
+    mask = full.sdpa_mask
+    if mask is None and not (full.key_padding_mask is None and flash_attention_usable(device, dtype)):
+        mask = build_sdpa_mask(torch.ones(1, past_len + seq_len, dtype=torch.bool, device=device),
+                               past_len + seq_len, causal=True, device=device, dtype=dtype)
+    mask = None if mask is None else mask[:, :, past_len:]  # (B or 1, 1 or H, T, P + T)
+    return AttentionContext(seq_len, cos, sin, full.key_padding_mask, full.alibi_slopes, mask)
 
 
 class LMHead(nn.Module):
@@ -355,9 +393,9 @@ class DecoderLM(nn.Module):
         return self.embed_tokens(input_ids)
 
     def attention_context(self, attention_mask: torch.Tensor | None, seq_len: int,
-                          device: torch.device | str, dtype: torch.dtype) -> AttentionContext:
+                          device: torch.device | str, dtype: torch.dtype, past_len: int = 0) -> AttentionContext:
         """`attention_context(self.cfg, ...)`: positions and masks for one forward."""
-        return attention_context(self.cfg, attention_mask, seq_len, device, dtype)
+        return attention_context(self.cfg, attention_mask, seq_len, device, dtype, past_len)
 
     def head(self) -> LMHead:
         """A view of the final norm and output projection as one module (see `LMHead`)."""

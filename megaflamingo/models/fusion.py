@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from megaflamingo.models.decoder import AttentionContext
+from megaflamingo.models.decoder import AttentionContext, KVSlot
 
 
 class MediaEncoder(nn.Module):
@@ -70,12 +70,14 @@ class FusionLayer(nn.Module):
         self.layer, self.xattn = layer, xattn
 
     def forward(self, h: torch.Tensor, ctx: AttentionContext, media: torch.Tensor | None = None,
-                text_time: torch.Tensor | None = None) -> torch.Tensor:
+                text_time: torch.Tensor | None = None, kv: KVSlot | None = None) -> torch.Tensor:
         """Args:
             h: (B, T, D) hidden states.
             ctx: the decoder's attention context for this forward.
             media: (B, M, N, Dv) latents; needed when the layer has a cross-attention block.
             text_time: (B, T) long media index per token; needed with media.
+            kv: the decoder layer's KV-cache slot when decoding with a cache (cross-attention needs
+                none: each token attends to its own image's latents only).
         Returns:
             (B, T, D).
         Raises:
@@ -85,4 +87,4 @@ class FusionLayer(nn.Module):
             if media is None or text_time is None:
                 raise ValueError("a fusion layer with cross-attention needs media and text_time")
             h = self.xattn(h, media, text_time)
-        return self.layer(h, ctx)
+        return self.layer(h, ctx, kv) if kv is not None else self.layer(h, ctx)
