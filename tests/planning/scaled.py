@@ -23,7 +23,8 @@ from megaflamingo.config import Config
 SCALED = [
     "model.lm.hf_path=null", "model.lm.family=mpt", "model.lm.hidden_size=256", "model.lm.num_layers=8",
     "model.lm.num_heads=4", "model.lm.intermediate_size=1024", "model.lm.tie_word_embeddings=true",
-    "model.lm.vocab_size=8192", "model.xattn.heads=8", "model.xattn.dim_head=64",
+    "model.lm.vocab_size=8192", "model.vocab_size=8195", "model.eoc_token_id=8192", "model.media_token_id=8193",
+    "model.pad_token_id=8194", "model.xattn.heads=8", "model.xattn.dim_head=64",
     "model.perceiver.depth=2", "model.vision.open_clip_model=null",
     "model.vision.open_clip_config={embed_dim: 64, quick_gelu: true, vision_cfg: {image_size: 224, "
     "patch_size: 14, width: 128, layers: 2, head_width: 64, mlp_ratio: 4.0}}",
