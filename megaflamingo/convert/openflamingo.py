@@ -18,13 +18,16 @@ our trainable state back in the same layout (the added token rows merged into th
 
 from __future__ import annotations
 
+import dataclasses
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from megaflamingo.config import ModelConfig, PerceiverConfig, VisionConfig, XAttnConfig
 from megaflamingo.models.families import FAMILIES, family_of
-from megaflamingo.models.flamingo import Flamingo
+from megaflamingo.models.flamingo import Flamingo, xattn_layer_indices
 
 LAYERS_ATTR = {name: f.hf_layers for name, f in FAMILIES.items()}
 INPUT_EMBEDDING = {name: f"{f.hf_module('embed_tokens')}.weight" for name, f in FAMILIES.items()}
@@ -37,8 +40,70 @@ _XATTN = {"attn_gate": "attn_gate", "ff_gate": "ff_gate", "norm.": "attn.norm.",
           "ff.down.": "ff.3."}
 
 
+_XATTN_KEY = re.compile(r"^lang_encoder\.(.+)\.(\d+)\.gated_cross_attn_layer\.")
+OPENFLAMINGO_DIM_HEAD = 64
+"""OpenFlamingo builds its Perceiver and cross-attention heads 64 wide (reference §2.3, §2.4)."""
+
+
 class CheckpointError(ValueError):
     """An OpenFlamingo checkpoint does not fit the model (names the offending key)."""
+
+
+# ----------------------------------------------------------------------------- what a checkpoint says
+
+
+def checkpoint_family(state: dict[str, torch.Tensor]) -> str:
+    """The LM family a checkpoint was trained with, from its cross-attention key names.
+
+    Raises:
+        CheckpointError: no `lang_encoder.<layers>.<i>.gated_cross_attn_layer.*` key, or an
+            unknown decoder-layers attribute.
+    """
+    attrs = {m[1] for k in state if (m := _XATTN_KEY.match(k))}
+    if not attrs:
+        raise CheckpointError("checkpoint has no lang_encoder.<layers>.<i>.gated_cross_attn_layer.* key "
+                              "(not an OpenFlamingo checkpoint?)")
+    by_attr = {attr: family for family, attr in LAYERS_ATTR.items()}
+    known = [by_attr[a] for a in attrs if a in by_attr]
+    if len(known) != 1 or len(attrs) != 1:
+        raise CheckpointError(f"checkpoint decoder layers under lang_encoder.{sorted(attrs)[0]}.* are not one of "
+                              f"{', '.join(LAYERS_ATTR.values())}")
+    return known[0]
+
+
+def checkpoint_xattn_layers(state: dict[str, torch.Tensor]) -> list[int]:
+    """Decoder layer indices that have a cross-attention block in the checkpoint."""
+    return sorted({int(m[2]) for k in state if (m := _XATTN_KEY.match(k))})
+
+
+def infer_every_n(state: dict[str, torch.Tensor], num_layers: int) -> int:
+    """cross_attn_every_n_layers of a checkpoint for a `num_layers`-layer LM.
+
+    Raises:
+        CheckpointError: the cross-attention layers fit no n (e.g. a checkpoint for a deeper LM).
+    """
+    found = checkpoint_xattn_layers(_strip_prefix(state))
+    n = found[0] + 1 if found else 0
+    if not found or found != xattn_layer_indices(num_layers, n):
+        raise CheckpointError(f"checkpoint has cross-attention before decoder layers {found}, which fits no "
+                              f"cross_attn_every_n_layers for a {num_layers}-layer LM")
+    return n
+
+
+def _check_fits(model: Flamingo, state: dict[str, torch.Tensor]) -> None:
+    """One-line errors for the two common mismatches: another LM family, another n."""
+    family = checkpoint_family(state)
+    if family != _family(model):
+        raise CheckpointError(f"checkpoint is for a {family} LM (keys lang_encoder.{LAYERS_ATTR[family]}.*), "
+                              f"the model's LM is {_family(model)}")
+    found, mine = checkpoint_xattn_layers(state), sorted(int(i) for i in model.xattn)
+    if found != mine:
+        try:
+            hint = f"set model.cross_attn_every_n_layers={infer_every_n(state, len(model.lm.layers))}"
+        except CheckpointError as err:
+            hint = str(err)
+        raise CheckpointError(f"checkpoint has cross-attention before decoder layers {found}, the model before "
+                              f"{mine} (cross_attn_every_n_layers={mine[0] + 1 if mine else '?'}): {hint}")
 
 
 def _rename(name: str, table: dict[str, str]) -> str:
@@ -113,9 +178,11 @@ def import_openflamingo_state_dict(model: Flamingo, state: dict[str, torch.Tenso
     Returns:
         The checkpoint keys that were not read because they come from the frozen sources.
     Raises:
-        CheckpointError: a required key is missing, an unknown key is present, or a shape differs.
+        CheckpointError: another LM family or cross_attn_every_n_layers (naming the right n), a
+            required key is missing, an unknown key is present, or a shape differs.
     """
     state = _strip_prefix(state)
+    _check_fits(model, state)
     family = _family(model)
     params = dict(model.named_parameters())
     wanted = {theirs: ours for ours, theirs in openflamingo_names(model).items()}
@@ -156,3 +223,98 @@ def load_openflamingo_checkpoint(model: Flamingo, path: str | Path) -> list[str]
 def save_openflamingo_checkpoint(model: Flamingo, path: str | Path) -> None:
     """Write our trainable state as an OpenFlamingo `checkpoint.pt`."""
     torch.save(export_openflamingo_state_dict(model), Path(path))
+
+
+# ----------------------------------------------------------------------------- one call
+
+
+@dataclass
+class OpenFlamingoReport:
+    """What `from_openflamingo` read and did not read."""
+
+    cross_attn_every_n_layers: int
+    """n, inferred from the checkpoint's keys."""
+    ignored: list[str]
+    """Checkpoint keys not read (frozen vision / LM weights, alias keys): they come from the sources."""
+    from_sources: list[str]
+    """Model parameters the checkpoint does not hold, loaded from the LM dir / vision weights."""
+    model_config: ModelConfig
+    """The resolved model config the model was built from."""
+
+
+def _vision_config(vision) -> VisionConfig:
+    """A VisionConfig from an open_clip model name, a config dict / YAML / JSON file, or itself."""
+    if isinstance(vision, VisionConfig):
+        return vision
+    if isinstance(vision, (str, Path)) and Path(vision).suffix in (".yaml", ".yml", ".json"):
+        import yaml
+
+        vision = yaml.safe_load(Path(vision).read_text())
+    if isinstance(vision, str):
+        return VisionConfig(open_clip_model=vision)
+    if isinstance(vision, dict):
+        fields = {f.name for f in dataclasses.fields(VisionConfig)}
+        return VisionConfig(**vision) if set(vision) <= fields else VisionConfig(open_clip_config=vision)
+    raise TypeError(f"vision must be an open_clip model name, a config dict / file or a VisionConfig, got {vision!r}")
+
+
+def _resampler_sizes(state: dict[str, torch.Tensor]) -> tuple[PerceiverConfig, XAttnConfig]:
+    """Perceiver and cross-attention sizes from the checkpoint's tensor shapes (heads 64 wide)."""
+    def need(key: str) -> torch.Tensor:
+        if key not in state:
+            raise CheckpointError(f"missing key in checkpoint: {key}")
+        return state[key]
+
+    latents = need("perceiver.latents")
+    depth = len({int(m[1]) for k in state if (m := re.match(r"^perceiver\.layers\.(\d+)\.", k))})
+    inner = need("perceiver.layers.0.0.to_q.weight").shape[0]
+    ff = need("perceiver.layers.0.1.1.weight").shape[0] // latents.shape[1]
+    perceiver = PerceiverConfig(depth=depth, heads=inner // OPENFLAMINGO_DIM_HEAD, dim_head=OPENFLAMINGO_DIM_HEAD,
+                                num_latents=latents.shape[0], ff_mult=ff)
+    prefix = next(k for k in state if _XATTN_KEY.match(k)).split("gated_cross_attn_layer.")[0]
+    to_q = need(prefix + "gated_cross_attn_layer.attn.to_q.weight")
+    ff_up = need(prefix + "gated_cross_attn_layer.ff.1.weight")
+    xattn = XAttnConfig(heads=to_q.shape[0] // OPENFLAMINGO_DIM_HEAD, dim_head=OPENFLAMINGO_DIM_HEAD,
+                        ff_mult=ff_up.shape[0] // to_q.shape[1])
+    return perceiver, xattn
+
+
+def from_openflamingo(checkpoint: str | Path, lm: str | Path, vision, tokenizer: str | Path) -> Flamingo:
+    """A released OpenFlamingo model in one call: n and the module sizes come from the checkpoint.
+
+    Args:
+        checkpoint: the released `checkpoint.pt`.
+        lm: the LM's Hugging Face directory (MPT, RedPajama / GPT-NeoX, LLaMA; MosaicGPT converted).
+        vision: an open_clip model name ("ViT-L-14"), an inline open_clip config dict, a
+            VisionConfig (e.g. with `weights=` the local CLIP file) or a YAML / JSON file of one.
+        tokenizer: the tokenizer directory (the Flamingo tokens are added as OpenFlamingo does).
+    Returns:
+        The model in eval mode; `model.openflamingo_report` (`OpenFlamingoReport`) says which n was
+        inferred, which checkpoint keys were not read and which weights came from the sources.
+    Raises:
+        CheckpointError: the checkpoint does not fit the LM (family, depth, shapes), one line.
+        ConfigError: the LM, vision tower or tokenizer cannot be used.
+    """
+    from megaflamingo.models.flamingo import build_model
+    from megaflamingo.resolve import resolve_model
+
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise CheckpointError(f"OpenFlamingo checkpoint not found: {path}")
+    state = _strip_prefix(torch.load(path, map_location="cpu", weights_only=True))
+    perceiver, xattn = _resampler_sizes(state)
+    cfg = resolve_model(ModelConfig(vision=_vision_config(vision), lm=dataclasses.replace(ModelConfig().lm, hf_path=str(lm)),
+                                    tokenizer=str(tokenizer), perceiver=perceiver, xattn=xattn))
+    family = checkpoint_family(state)
+    if family != cfg.lm.family:
+        raise CheckpointError(f"checkpoint is for a {family} LM (keys lang_encoder.{LAYERS_ATTR[family]}.*), "
+                              f"the LM at {lm} is {cfg.lm.family}")
+    cfg = dataclasses.replace(cfg, cross_attn_every_n_layers=infer_every_n(state, cfg.lm.num_layers))
+    model = build_model(cfg).eval()
+    ignored = import_openflamingo_state_dict(model, state)
+    covered = set(openflamingo_names(model)) | {"lm.embed_tokens.weight", "lm.embed_tokens.added"}
+    if any(k in state for k in OUTPUT_HEAD_KEYS) and model.lm.lm_head is not None:
+        covered.add("lm.lm_head.weight")
+    model.openflamingo_report = OpenFlamingoReport(
+        cfg.cross_attn_every_n_layers, ignored, [n for n, _ in model.named_parameters() if n not in covered], cfg)
+    return model
