@@ -44,6 +44,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--config", required=True)
     p.add_argument("--data", required=True, help="data spec (suite) or VQA jsonl (vqa)")
     p.add_argument("--checkpoint", default="auto")
+    p.add_argument("--no-kv-cache", action="store_true", help="decode without the KV cache (the reference)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*")
     return p.parse_intermixed_args(argv)

@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from megaflamingo.eval.cache import CachedDecoder
 from megaflamingo.eval.demos import Rices, random_demos, sample_order
 from megaflamingo.eval.generation import Decoder, UncachedDecoder, beam_search, greedy_search, rank_classes
 from megaflamingo.eval.metrics import cider, roc_auc, score_vqa_answers
@@ -81,7 +82,7 @@ class Evaluator:
         transform: PIL image -> (C, S, S) tensor.
         eoc_token_id: `<|endofchunk|>`, where generation stops.
         device: where the model lives.
-        make_decoder: model -> Decoder (default: the uncached reference).
+        make_decoder: model -> Decoder (default: the KV-cached one; `UncachedDecoder` is the reference).
     """
 
     model: torch.nn.Module
@@ -89,7 +90,7 @@ class Evaluator:
     transform: Callable
     eoc_token_id: int
     device: torch.device = torch.device("cpu")
-    make_decoder: Callable[[torch.nn.Module], Decoder] = UncachedDecoder
+    make_decoder: Callable[[torch.nn.Module], Decoder] = CachedDecoder
     blank_images: bool = False
 
     def load_images(self, examples: Sequence[Example]) -> torch.Tensor:

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from megaflamingo.eval.cache import CachedDecoder
+from megaflamingo.eval.generation import UncachedDecoder
 from megaflamingo.eval.report import markdown_table, summarize
 from megaflamingo.eval.runner import Evaluator, Ranks, TrialSettings, run_trial
 from megaflamingo.eval.tasks import TASKS, load_task_data
@@ -71,7 +73,8 @@ def resolve_checkpoint(cfg, checkpoint: str) -> Path | None:
     return path
 
 
-def build_evaluator(cfg, checkpoint: Path | None, device: torch.device, seed: int = 0) -> Evaluator:
+def build_evaluator(cfg, checkpoint: Path | None, device: torch.device, seed: int = 0,
+                    kv_cache: bool = True) -> Evaluator:
     """The config's model with the checkpoint's trainable weights, its tokenizer and transform.
 
     Weights that neither the config's sources nor the checkpoint provide (a random tower or LM in
@@ -87,7 +90,8 @@ def build_evaluator(cfg, checkpoint: Path | None, device: torch.device, seed: in
     model = build_model(cfg.model).eval()
     if checkpoint is not None:
         load_trainable_weights(model, checkpoint)
-    return Evaluator(model.to(device), tokenizer, build_image_transform(cfg), ids.eoc_token_id, device)
+    decoder = CachedDecoder if kv_cache else UncachedDecoder
+    return Evaluator(model.to(device), tokenizer, build_image_transform(cfg), ids.eoc_token_id, device, decoder)
 
 
 def init_ranks() -> Ranks:
@@ -149,7 +153,7 @@ def _device() -> torch.device:
 def run_easyvqa_check(cfg, args, ranks: Ranks) -> int:
     """`evaluate.py vqa`: the easy-vqa task at 0 shots (+ the blank-image baseline), demo JSON."""
     ckpt = resolve_checkpoint(cfg, args.checkpoint)
-    ev = build_evaluator(cfg, ckpt, _device())
+    ev = build_evaluator(cfg, ckpt, _device(), kv_cache=not args.no_kv_cache)
     data = Path(args.data)
     spec, settings = {"easyvqa": {"test": str(data.resolve())}}, TrialSettings(0, num_samples=args.limit, batch_size=16)
     result: dict = {"checkpoint": str(ckpt)}
@@ -189,7 +193,8 @@ def run_cli(cfg, args) -> int:
         settings = TrialSettings(0, num_samples=args.num_samples, query_set_size=args.query_set_size,
                                  batch_size=args.batch_size, rices=args.rices, vqa_mode=args.vqa_metric,
                                  rices_cache=Path(args.rices_cache) if args.rices_cache else out_dir / "rices")
-        summary = run_suite(build_evaluator(cfg, ckpt, _device()), spec, base, tasks, shots, seeds, settings, ranks)
+        ev = build_evaluator(cfg, ckpt, _device(), kv_cache=not args.no_kv_cache)
+        summary = run_suite(ev, spec, base, tasks, shots, seeds, settings, ranks)
         if summary is not None:
             meta = {"checkpoint": str(ckpt), "config": args.config, "shots": shots, "seeds": seeds,
                     "rices": args.rices, "num_samples": args.num_samples, "vqa_metric": args.vqa_metric,
