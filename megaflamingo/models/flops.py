@@ -40,6 +40,7 @@ Three totals (per sample):
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Sequence
 
 from megaflamingo.config import LMConfig, ModelConfig
 from megaflamingo.models.families import family_of
@@ -72,6 +73,7 @@ class ComponentFlops:
 
     @property
     def forward(self) -> float:
+        """Forward FLOPs: matmuls and attention cores."""
         return self.matmul_fwd + self.attn_fwd
 
 
@@ -102,6 +104,7 @@ class StepFlops:
 
     @property
     def forward(self) -> float:
+        """Forward FLOPs of every component."""
         return sum(c.forward for c in self.components)
 
     @property
@@ -130,6 +133,8 @@ class StepFlops:
 
 @dataclass(frozen=True)
 class VisionShape:
+    """The ViT sizes FLOP counting needs (from an open_clip vision config)."""
+
     image_size: int
     patch_size: int
     width: int
@@ -142,7 +147,7 @@ class VisionShape:
         return (self.image_size // self.patch_size) ** 2
 
 
-def _side(value) -> int:
+def _side(value: int | Sequence[int]) -> int:
     side = value if isinstance(value, int) else value[0]
     if not isinstance(value, int) and any(v != side for v in value):
         raise ValueError(f"non-square vision size {value} is not supported")

@@ -10,15 +10,20 @@ the forward's adjoint:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 
+Group = dist.ProcessGroup | None
+"""A process group (None: the default group)."""
 
-def _size(group) -> int:
+
+def _size(group: Group) -> int:
     return dist.get_world_size(group)
 
 
-def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
+def _all_reduce(x: torch.Tensor, group: Group) -> torch.Tensor:
     if _size(group) == 1:
         return x
     x = x.contiguous()
@@ -26,14 +31,14 @@ def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
     return x
 
 
-def _split_last(x: torch.Tensor, group) -> torch.Tensor:
+def _split_last(x: torch.Tensor, group: Group) -> torch.Tensor:
     n = _size(group)
     if n == 1:
         return x
     return x.chunk(n, dim=-1)[dist.get_rank(group)].contiguous()
 
 
-def _gather_last(x: torch.Tensor, group) -> torch.Tensor:
+def _gather_last(x: torch.Tensor, group: Group) -> torch.Tensor:
     n = _size(group)
     if n == 1:
         return x
@@ -44,62 +49,62 @@ def _gather_last(x: torch.Tensor, group) -> torch.Tensor:
 
 class _Copy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, group):
+    def forward(ctx: Any, x: torch.Tensor, group: Group) -> torch.Tensor:
         ctx.group = group
         return x.view_as(x)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         return _all_reduce(grad.clone(), ctx.group), None
 
 
 class _Reduce(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, group):
+    def forward(ctx: Any, x: torch.Tensor, group: Group) -> torch.Tensor:
         return _all_reduce(x.clone(), group)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         return grad, None
 
 
 class _Gather(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, group):
+    def forward(ctx: Any, x: torch.Tensor, group: Group) -> torch.Tensor:
         ctx.group = group
         return _gather_last(x, group)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         return _split_last(grad, ctx.group), None
 
 
 class _Split(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, group):
+    def forward(ctx: Any, x: torch.Tensor, group: Group) -> torch.Tensor:
         ctx.group = group
         return _split_last(x, group)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         return _gather_last(grad, ctx.group), None
 
 
-def copy_to_group(x: torch.Tensor, group) -> torch.Tensor:
+def copy_to_group(x: torch.Tensor, group: Group) -> torch.Tensor:
     """forward: identity; backward: all-reduce the gradient over `group`."""
     return _Copy.apply(x, group)
 
 
-def reduce_from_group(x: torch.Tensor, group) -> torch.Tensor:
+def reduce_from_group(x: torch.Tensor, group: Group) -> torch.Tensor:
     """forward: all-reduce (sum) over `group`; backward: identity."""
     return _Reduce.apply(x, group)
 
 
-def gather_from_group(x: torch.Tensor, group) -> torch.Tensor:
+def gather_from_group(x: torch.Tensor, group: Group) -> torch.Tensor:
     """forward: all-gather along the last dim; backward: this rank's slice of the gradient."""
     return _Gather.apply(x, group)
 
 
-def split_to_group(x: torch.Tensor, group) -> torch.Tensor:
+def split_to_group(x: torch.Tensor, group: Group) -> torch.Tensor:
     """forward: this rank's slice of the last dim; backward: all-gather the gradient."""
     return _Split.apply(x, group)

@@ -258,9 +258,11 @@ class FlamingoPipelineModule(PipelineModule):
         self._set_bounds(start=self.parts[self.stage_id], stop=self.parts[self.stage_id + 1])
 
     def get_tied_weights_and_groups(self) -> list:
+        """DeepSpeed's tied weights plus the added-token rows shared by the first and last stage."""
         return super().get_tied_weights_and_groups() + self._tied
 
     def allreduce_tied_weight_gradients(self) -> None:
+        """Sum the tied weights' gradients over their groups (DeepSpeed's and the added rows')."""
         super().allreduce_tied_weight_gradients()
         for weight, group in self._tied:
             dist.all_reduce(weight.grad, group=group)
