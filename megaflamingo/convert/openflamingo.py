@@ -52,23 +52,29 @@ class CheckpointError(ValueError):
 # ----------------------------------------------------------------------------- what a checkpoint says
 
 
-def checkpoint_family(state: dict[str, torch.Tensor]) -> str:
-    """The LM family a checkpoint was trained with, from its cross-attention key names.
+def checkpoint_layers_attr(state: dict[str, torch.Tensor]) -> str:
+    """The decoder-layers attribute a checkpoint's LM has (`transformer.blocks` for MPT, ...).
 
     Raises:
         CheckpointError: no `lang_encoder.<layers>.<i>.gated_cross_attn_layer.*` key, or an
-            unknown decoder-layers attribute.
+            attribute no LM family has.
     """
     attrs = {m[1] for k in state if (m := _XATTN_KEY.match(k))}
     if not attrs:
         raise CheckpointError("checkpoint has no lang_encoder.<layers>.<i>.gated_cross_attn_layer.* key "
                               "(not an OpenFlamingo checkpoint?)")
-    by_attr = {attr: family for family, attr in LAYERS_ATTR.items()}
-    known = [by_attr[a] for a in attrs if a in by_attr]
-    if len(known) != 1 or len(attrs) != 1:
+    if len(attrs) != 1 or next(iter(attrs)) not in LAYERS_ATTR.values():
         raise CheckpointError(f"checkpoint decoder layers under lang_encoder.{sorted(attrs)[0]}.* are not one of "
-                              f"{', '.join(LAYERS_ATTR.values())}")
-    return known[0]
+                              f"{', '.join(sorted(set(LAYERS_ATTR.values())))}")
+    return next(iter(attrs))
+
+
+def check_family(state: dict[str, torch.Tensor], family: str, where: str) -> None:
+    """Raise a one-line CheckpointError when the checkpoint's LM is not of `family` (`where` names the LM)."""
+    attr = checkpoint_layers_attr(state)
+    if attr != LAYERS_ATTR[family]:
+        theirs = "/".join(sorted(f for f, a in LAYERS_ATTR.items() if a == attr))
+        raise CheckpointError(f"checkpoint is for a {theirs} LM (keys lang_encoder.{attr}.*), {where} is {family}")
 
 
 def checkpoint_xattn_layers(state: dict[str, torch.Tensor]) -> list[int]:
@@ -92,10 +98,7 @@ def infer_every_n(state: dict[str, torch.Tensor], num_layers: int) -> int:
 
 def _check_fits(model: Flamingo, state: dict[str, torch.Tensor]) -> None:
     """One-line errors for the two common mismatches: another LM family, another n."""
-    family = checkpoint_family(state)
-    if family != _family(model):
-        raise CheckpointError(f"checkpoint is for a {family} LM (keys lang_encoder.{LAYERS_ATTR[family]}.*), "
-                              f"the model's LM is {_family(model)}")
+    check_family(state, _family(model), "the model's LM")
     found, mine = checkpoint_xattn_layers(state), sorted(int(i) for i in model.xattn)
     if found != mine:
         try:
@@ -214,10 +217,25 @@ def import_openflamingo_state_dict(model: Flamingo, state: dict[str, torch.Tenso
 
 def load_openflamingo_checkpoint(model: Flamingo, path: str | Path) -> list[str]:
     """Read a `checkpoint.pt` (weights_only) and import it; see `import_openflamingo_state_dict`."""
+    return import_openflamingo_state_dict(model, read_openflamingo_checkpoint(path))
+
+
+def read_openflamingo_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict of a `checkpoint.pt` (weights_only; `module.` prefixes stripped).
+
+    Raises:
+        CheckpointError: the file is missing, truncated or not a state dict (naming the file).
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"OpenFlamingo checkpoint not found: {path}")
-    return import_openflamingo_state_dict(model, torch.load(path, map_location="cpu", weights_only=True))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated / corrupt files raise several types
+        raise CheckpointError(f"cannot read OpenFlamingo checkpoint {path}: {type(err).__name__}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} does not hold a state dict")
+    return _strip_prefix(state)
 
 
 def save_openflamingo_checkpoint(model: Flamingo, path: str | Path) -> None:
@@ -298,17 +316,11 @@ def from_openflamingo(checkpoint: str | Path, lm: str | Path, vision, tokenizer:
     from megaflamingo.models.flamingo import build_model
     from megaflamingo.resolve import resolve_model
 
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise CheckpointError(f"OpenFlamingo checkpoint not found: {path}")
-    state = _strip_prefix(torch.load(path, map_location="cpu", weights_only=True))
+    state = read_openflamingo_checkpoint(checkpoint)
     perceiver, xattn = _resampler_sizes(state)
     cfg = resolve_model(ModelConfig(vision=_vision_config(vision), lm=dataclasses.replace(ModelConfig().lm, hf_path=str(lm)),
                                     tokenizer=str(tokenizer), perceiver=perceiver, xattn=xattn))
-    family = checkpoint_family(state)
-    if family != cfg.lm.family:
-        raise CheckpointError(f"checkpoint is for a {family} LM (keys lang_encoder.{LAYERS_ATTR[family]}.*), "
-                              f"the LM at {lm} is {cfg.lm.family}")
+    check_family(state, cfg.lm.family, f"the LM at {lm}")
     cfg = dataclasses.replace(cfg, cross_attn_every_n_layers=infer_every_n(state, cfg.lm.num_layers))
     model = build_model(cfg).eval()
     ignored = import_openflamingo_state_dict(model, state)
