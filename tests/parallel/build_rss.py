@@ -1,0 +1,64 @@
+"""Peak resident memory of building one rank's model, measured in a fresh process.
+
+    python -m tests.parallel.build_rss --lm DIR --tp 2 --pp 1 --rank 0 [--full]
+
+Prints one JSON line: {"peak_bytes": VmHWM after the build minus VmRSS before it, "params": ...}.
+The peak is reset just before the build (`/proc/self/clear_refs` "5"), after every import, so it
+measures the build alone. The rank's place comes from a fake process group (no peers needed:
+every collective is a no-op, which the memory of a build does not depend on). `--full` builds the
+way training did before rank-local building: the whole fp32 model, then the TP plan applied.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+
+def _status(field: str) -> int:
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(rf"^{field}:\s+(\d+) kB", text, re.M).group(1)) * 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--lm", required=True)
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--rank", type=int, default=0)
+    parser.add_argument("--full", action="store_true")
+    args = parser.parse_args()
+    import open_clip  # noqa: F401  (imports before the measured window)
+    import safetensors.torch  # noqa: F401
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from megaflamingo.parallel.materialize import build_rank_model
+    from megaflamingo.parallel.plan import apply_tensor_parallel
+    from megaflamingo.parallel.topology import ParallelDims, build_groups
+    from tests.parallel.test_materialize import lm_model_config, stage_parts
+
+    dims = ParallelDims(tp=args.tp, pp=args.pp)
+    dist.init_process_group("fake", store=FakeStore(), rank=args.rank, world_size=dims.world_size)
+    groups = build_groups(dims)
+    cfg = lm_model_config(args.lm)
+    before = _status("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")
+    if args.full:
+        from megaflamingo.models.flamingo import build_model
+
+        model = build_model(cfg)
+        if args.tp > 1:
+            apply_tensor_parallel(model, groups)
+    else:
+        parts = stage_parts(cfg, args.pp) if args.pp > 1 else None
+        model, _ = build_rank_model(cfg, groups, parts)
+    held = sum(p.numel() for p in model.parameters() if p.device.type != "meta")
+    print(json.dumps({"peak_bytes": _status("VmHWM") - before, "params": held}))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
