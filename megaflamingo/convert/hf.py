@@ -72,7 +72,7 @@ def hf_text_config(cfg: LMConfig, vocab_size: int, token_ids: dict) -> dict:
         vocab_size: rows of the resized embedding (len(tokenizer)).
         token_ids: pad_token_id / eos_token_id / bos_token_id to record (None values dropped).
     Returns:
-        The config dict for LlamaConfig / MptConfig / GPTNeoXConfig.
+        The config dict for LlamaConfig / MptConfig / GPTNeoXConfig / Qwen2Config.
     Raises:
         ExportError: an option transformers' class of the family cannot express.
     """
@@ -86,6 +86,12 @@ def hf_text_config(cfg: LMConfig, vocab_size: int, token_ids: dict) -> dict:
                     rms_norm_eps=cfg.norm_eps, rope_parameters=_rope_parameters(cfg),
                     attention_bias=cfg.attention_bias, mlp_bias=cfg.mlp_bias, hidden_act=cfg.hidden_act,
                     **common)
+    if cfg.family == "qwen2":
+        return dict(model_type="qwen2", hidden_size=cfg.hidden_size, intermediate_size=mlp_width(cfg),
+                    num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+                    num_key_value_heads=cfg.num_kv_heads or cfg.num_heads, head_dim=head_dim(cfg),
+                    rms_norm_eps=cfg.norm_eps, rope_parameters=_rope_parameters(cfg), hidden_act=cfg.hidden_act,
+                    use_sliding_window=False, **common)
     if cfg.family == "gpt_neox":
         return dict(model_type="gpt_neox", hidden_size=cfg.hidden_size, intermediate_size=mlp_width(cfg),
                     num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,

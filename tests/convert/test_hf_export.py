@@ -2,8 +2,9 @@
 open_clip and open_flamingo unimportable, HF_HUB_OFFLINE=1), it gives megaflamingo's logits and
 greedy tokens, and its processor gives the data pipeline's tensors.
 
-One fixture exports every model (LLaMA GQA untied, LLaMA tied, MPT, GPT-NeoX; a bf16 copy of one)
-and one subprocess loads them all: the checks below read its results.
+One fixture exports every model (LLaMA GQA untied, LLaMA tied, MPT, GPT-NeoX, Qwen2; a bf16 copy
+of one, and one sharded into many small files) and one subprocess loads them all: the checks below
+read its results.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from megaflamingo.data.tokenizer import load_tokenizer
 from tests.assets import TINY_VISION, make_bpe_tokenizer
 from tests.hf_models import save_tiny_hf_lm
 
-VARIANTS = {"llama_gqa": 1, "llama_tied": 2, "mpt": 1, "gpt_neox_parallel": 2}  # variant -> n
+VARIANTS = {"llama_gqa": 1, "llama_tied": 2, "mpt": 1, "gpt_neox_parallel": 2, "qwen2_tied": 3}  # variant -> n
 CHECK_SCRIPT = Path(__file__).with_name("hf_load_check.py")
 MAX_NEW = 6
 DOCS = [
@@ -102,6 +103,14 @@ def exported(tmp_path_factory):
             write_hf_dir(model, Config(model=cfg), tokenizer, dirs[name], dtype)
             jobs[name] = {"dir": str(dirs[name]), "batches": batches, "max_new_tokens": MAX_NEW if dtype == "fp32" else 0}
         ours[variant] = {"logits": logits, "greedy": greedy, "ids": ids}
+        if variant == "llama_tied":  # tied head + an index over many shards (the > 5 GB path, scaled down)
+            monkeypatch = pytest.MonkeyPatch()
+            monkeypatch.setattr("megaflamingo.convert.hf.MAX_SHARD_SIZE", "40KB")
+            dirs["sharded"] = base / "sharded"
+            dirs["sharded"].mkdir()
+            write_hf_dir(model, Config(model=cfg), tokenizer, dirs["sharded"])
+            monkeypatch.undo()
+            jobs["sharded"] = {"dir": str(dirs["sharded"]), "batches": batches, "max_new_tokens": 0}
     jobs["llama_gqa-fp32"]["processor"] = {"images": [[_pil_images(0)[0]], _pil_images(0)[1:]],
                                            "texts": ["<image>a blue circle<|endofchunk|>",
                                                      "<image>one<|endofchunk|><image>two words"],
@@ -203,3 +212,11 @@ def test_processor_equals_data_pipeline(exported):
     assert torch.equal(got["input_ids"], batch["input_ids"])
     assert torch.equal(got["attention_mask"], batch["attention_mask"])
     assert torch.equal(got["vision_x"], batch["images"])  # bit for bit
+
+
+def test_sharded_export_loads_with_its_index(exported):
+    ours, theirs, dirs, _ = exported
+    index = json.loads((dirs["sharded"] / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    mask = _mask(exported, "llama_tied", "left")
+    assert _rel_err(theirs["sharded"]["logits"]["left"], ours["llama_tied"]["logits"]["left"], mask) <= 1e-5
