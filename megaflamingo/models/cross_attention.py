@@ -52,9 +52,9 @@ class GatedCrossAttentionBlock(nn.Module):
         self.to_kv = nn.Linear(dim_visual, 2 * inner, bias=False)
         self.to_out = nn.Linear(inner, dim, bias=False)
         # Shape (1,), not 0-dim: DeepSpeed's parameter broadcast cannot view a 0-dim tensor.
-        self.attn_gate = nn.Parameter(torch.zeros(1))
+        self.attn_gate = nn.Parameter(torch.full((1,), float(cfg.gate_init)))  # OpenFlamingo: 0
         self.ff = FeedForward(dim, cfg.ff_mult)
-        self.ff_gate = nn.Parameter(torch.zeros(1))
+        self.ff_gate = nn.Parameter(torch.full((1,), float(cfg.gate_init)))
 
     def forward(self, h: torch.Tensor, media: torch.Tensor, text_time: torch.Tensor) -> torch.Tensor:
         """Args:
