@@ -90,9 +90,12 @@ def infer_every_n(state: dict[str, torch.Tensor], num_layers: int) -> int:
     """
     found = checkpoint_xattn_layers(_strip_prefix(state))
     n = found[0] + 1 if found else 0
-    if not found or found != xattn_layer_indices(num_layers, n):
-        raise CheckpointError(f"checkpoint has cross-attention before decoder layers {found}, which fits no "
-                              f"cross_attn_every_n_layers for a {num_layers}-layer LM")
+    if not found:
+        raise CheckpointError("checkpoint has no lang_encoder.<layers>.<i>.gated_cross_attn_layer.* key")
+    if found != xattn_layer_indices(num_layers, n):
+        raise CheckpointError(f"checkpoint has cross-attention before decoder layers {found} "
+                              f"(cross_attn_every_n_layers={n}), which does not fit a {num_layers}-layer LM "
+                              f"(n={n} would put it before {xattn_layer_indices(num_layers, n)})")
     return n
 
 

@@ -50,6 +50,19 @@ def assets(tmp_path_factory):
     return base
 
 
+def _foreign_run(assets) -> Path:
+    """A run directory whose checkpoint records another model config (n = 1)."""
+    from megaflamingo.config import to_dict
+
+    step = assets / "foreign-run" / "checkpoints" / "step_00000004"
+    step.mkdir(parents=True)
+    torch.save({"module": {}}, step / "mp_rank_00_model_states.pt")
+    other = to_dict(load_config(assets / "model.yaml", ["model.cross_attn_every_n_layers=1"]).model)
+    torch.save({"model_config": other}, step / "extra_rank0.pt")
+    (step.parent / "latest").write_text(step.name)
+    return assets / "foreign-run"
+
+
 def _run(capsys, *argv) -> tuple[int, list[str]]:
     code = _launcher()([str(a) for a in argv])
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
@@ -110,6 +123,7 @@ def test_to_hf_then_every_bad_input_exits_2_and_keeps_the_previous_output(assets
         "wrong n": ([f"model.openflamingo_checkpoint={ckpt}", "model.cross_attn_every_n_layers=1"],
                     f"cross_attn_every_n_layers={EVERY_N}"),
         "missing checkpoint dir": (["--checkpoint", assets / "no-such-run"], "no-such-run"),
+        "checkpoint of another model": (["--checkpoint", _foreign_run(assets)], "model.cross_attn_every_n_layers"),
     }
     for what, (extra, named) in cases.items():
         code, errors = _run(capsys, "to-hf", "--config", assets / "model.yaml", "--out", out, *extra)
@@ -151,7 +165,8 @@ def test_openflamingo_round_trip_infers_n_and_gives_the_same_logits(assets, of_c
 def test_from_openflamingo_errors_name_the_problem(assets, of_checkpoint):
     ckpt, _ = of_checkpoint
     shallow = save_tiny_hf_lm("llama_gqa", assets / "lm-3", num_hidden_layers=3)
-    with pytest.raises(CheckpointError, match=r"before decoder layers \[1, 3\], which fits no cross_attn_every_n"):
+    with pytest.raises(CheckpointError, match=r"before decoder layers \[1, 3\] \(cross_attn_every_n_layers=2\), "
+                                              r"which does not fit a 3-layer LM"):
         from_openflamingo(ckpt, lm=shallow, vision=assets / "vision.yaml", tokenizer=assets / "tok")
     mpt = save_tiny_hf_lm("mpt", assets / "lm-mpt", n_layers=4)
     with pytest.raises(CheckpointError, match="checkpoint is for a llama/qwen2 LM .* is mpt"):
