@@ -166,7 +166,13 @@ def hf_state_dict(model) -> dict[str, torch.Tensor]:
 
 
 def hf_config(model, cfg: ModelConfig, tokenizer) -> dict:
-    """The keyword arguments of the exported `MegaFlamingoConfig`."""
+    """The keyword arguments of the exported `MegaFlamingoConfig`.
+
+    Raises:
+        ExportError: a part the exported code does not implement (non-Perceiver resampler, ...).
+    """
+    if getattr(cfg, "resampler", "perceiver") != "perceiver":
+        raise ExportError(f"model.resampler={cfg.resampler!r}: only the Perceiver resampler is exported")
     ids = {"pad_token_id": cfg.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
            "bos_token_id": tokenizer.bos_token_id}
     perceiver, xattn = cfg.perceiver, cfg.xattn
