@@ -13,4 +13,8 @@ def __getattr__(name: str):
         from megaflamingo.models import flamingo
 
         return getattr(flamingo, name)
+    if name == "from_openflamingo":  # a released OpenFlamingo model in one call (#11)
+        from megaflamingo.convert.openflamingo import from_openflamingo
+
+        return from_openflamingo
     raise AttributeError(f"module 'megaflamingo' has no attribute '{name}'")
