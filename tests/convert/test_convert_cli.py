@@ -142,7 +142,10 @@ def test_openflamingo_round_trip_infers_n_and_gives_the_same_logits(assets, of_c
     first, again = torch.load(ckpt, weights_only=True), torch.load(out, weights_only=True)
     assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
 
-    loaded = from_openflamingo(out, lm=assets / "lm", vision=assets / "vision.yaml", tokenizer=assets / "tok")
+    import megaflamingo
+
+    loaded = megaflamingo.from_openflamingo(out, lm=assets / "lm", vision=assets / "vision.yaml",
+                                            tokenizer=assets / "tok")
     report = loaded.openflamingo_report
     assert report.cross_attn_every_n_layers == EVERY_N
     assert report.model_config.perceiver.num_latents == 4 and report.model_config.xattn.heads == 2
