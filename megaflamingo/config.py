@@ -417,26 +417,38 @@ def _check_path(path: Optional[str], key: str) -> None:
         raise ConfigError(f"{key}: path does not exist: {path}")
 
 
-def validate_model(m: ModelConfig) -> None:
-    """Check a model config: paths exist, sizes are consistent, choices are known."""
-    v, lm = m.vision, m.lm
+def _check_vision(v: VisionConfig) -> None:
     _check(v.kind in ("open_clip", "timm"), f"model.vision.kind: expected open_clip or timm, got '{v.kind}'")
     if v.kind == "timm":
         _check(v.timm_model is not None and v.image_size is not None,
                "model.vision: kind timm needs timm_model and image_size")
-    else:
-        _check(
-            (v.open_clip_model is None) != (v.open_clip_config is None),
-            "model.vision: set exactly one of open_clip_model or open_clip_config",
-        )
+        _check_path(v.weights, "model.vision.weights")
+        return
+    _check(
+        (v.open_clip_model is None) != (v.open_clip_config is None),
+        "model.vision: set exactly one of open_clip_model or open_clip_config",
+    )
+    if v.open_clip_config is not None:
+        for key, kind in (("embed_dim", int), ("vision_cfg", dict)):
+            _check(isinstance(v.open_clip_config.get(key), kind),
+                   f"model.vision.open_clip_config: missing '{key}' ({kind.__name__}); an open_clip model "
+                   f"config looks like {{embed_dim: 512, vision_cfg: {{image_size: 224, ...}}}}")
+    _check_path(v.weights, "model.vision.weights")
+
+
+def validate_model(m: ModelConfig) -> None:
+    """Check a model config: paths exist, sizes are consistent, choices are known.
+
+    What needs a file read (the LM checkpoint's sizes, the tokenizer's ids) is checked by
+    `megaflamingo.resolve.resolve_model`, at the start of a run.
+    """
+    lm = m.lm
+    _check_vision(m.vision)
     _check(m.resampler in ("perceiver", "none"),
            f"model.resampler: expected perceiver or none, got '{m.resampler}'")
-    _check_path(v.weights, "model.vision.weights")
     _check_path(lm.hf_path, "model.lm.hf_path")
     _check_path(m.tokenizer, "model.tokenizer")
     _check_path(m.openflamingo_checkpoint, "model.openflamingo_checkpoint")
-    _check(lm.family in ("llama", "mpt", "gpt_neox"),
-           f"model.lm.family: expected llama, mpt or gpt_neox, got '{lm.family}'")
     if lm.hf_path is None:
         _check(lm.hidden_size % lm.num_heads == 0,
                f"model.lm: hidden_size {lm.hidden_size} is not divisible by num_heads {lm.num_heads}")
@@ -450,31 +462,18 @@ def validate_model(m: ModelConfig) -> None:
         _check(getattr(m.perceiver, name) >= 1, f"model.perceiver.{name} must be >= 1")
     for name in ("heads", "dim_head", "ff_mult"):
         _check(getattr(m.xattn, name) >= 1, f"model.xattn.{name} must be >= 1")
-    if m.tokenizer is None and lm.hf_path is None:
+    if m.tokenizer is None:  # an hf_path does not give the Flamingo tokens either
         for name in ("media_token_id", "eoc_token_id"):
             _check(getattr(m, name) is not None,
                    f"model.{name} must be set when model.tokenizer is not given")
 
 
 def validate(cfg: Config) -> None:
-    """Validate a whole config; raises ConfigError with one line on the first problem."""
+    """Validate a whole config; raises ConfigError with one line on the first problem.
+
+    The parallel layout is checked against a world size by `megaflamingo.resolve.check_layout`.
+    """
     validate_model(cfg.model)
-    p = cfg.parallel
-    _check(p.tp >= 1 and p.pp >= 1, "parallel.tp and parallel.pp must be >= 1")
-    _check(p.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage must be 0-3, got {p.zero_stage}")
-    _check(not (p.pp > 1 and p.zero_stage > 1),
-           f"parallel: pipeline parallelism (pp={p.pp}) supports ZeRO stage 0 or 1 only, "
-           f"got zero_stage={p.zero_stage}")
-    lm = cfg.model.lm
-    if lm.hf_path is None:
-        _check(lm.num_heads % p.tp == 0,
-               f"parallel.tp={p.tp} does not divide model.lm.num_heads={lm.num_heads}")
-        kv = lm.num_kv_heads or lm.num_heads
-        _check(kv % p.tp == 0, f"parallel.tp={p.tp} does not divide model.lm.num_kv_heads={kv}")
-        _check(lm.num_layers >= p.pp,
-               f"parallel.pp={p.pp} is more than model.lm.num_layers={lm.num_layers}")
-    _check(cfg.model.xattn.heads % p.tp == 0,
-           f"parallel.tp={p.tp} does not divide model.xattn.heads={cfg.model.xattn.heads}")
     _check(cfg.optim.schedule in ("constant", "linear", "cosine"),
            f"optim.schedule: expected constant, linear or cosine, got '{cfg.optim.schedule}'")
     _check(cfg.train.precision in ("fp32", "bf16"),

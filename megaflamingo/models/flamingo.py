@@ -110,29 +110,37 @@ class Flamingo(nn.Module):
 
 
 def resolve_token_ids(cfg: ModelConfig) -> ModelConfig:
-    """Fill vocab_size and the Flamingo token ids from the tokenizer where the config leaves them None."""
-    if cfg.tokenizer is None:
-        return dataclasses.replace(cfg, vocab_size=cfg.vocab_size or cfg.lm.vocab_size)
-    from megaflamingo.data.tokenizer import load_tokenizer
+    """The config `build_model` builds from: vocab_size filled from the LM when no tokenizer is named.
 
-    _, ids = load_tokenizer(cfg.tokenizer)
-    for name in ("vocab_size", "media_token_id", "eoc_token_id", "pad_token_id"):
-        mine, theirs = getattr(cfg, name), getattr(ids, name)
-        if mine is not None and mine != theirs:
-            raise ConfigError(f"model.{name}={mine} but the tokenizer at {cfg.tokenizer} gives {theirs}")
-    return dataclasses.replace(cfg, vocab_size=ids.vocab_size, media_token_id=ids.media_token_id,
-                               eoc_token_id=ids.eoc_token_id, pad_token_id=ids.pad_token_id)
+    Reads no file. A config that names a tokenizer or an LM checkpoint must be resolved first
+    (`megaflamingo.resolve.resolve_model`; `megaflamingo.build_model` does both).
+
+    Raises:
+        ConfigError: vocab_size or a Flamingo token id is still unknown.
+    """
+    if cfg.tokenizer is None and cfg.lm.hf_path is None and cfg.vocab_size is None:
+        cfg = dataclasses.replace(cfg, vocab_size=cfg.lm.vocab_size)
+    for name in ("vocab_size", "media_token_id", "eoc_token_id"):
+        if getattr(cfg, name) is None:
+            raise ConfigError(f"model.{name} is not set: resolve the config first "
+                              f"(megaflamingo.resolve.resolve_model, or megaflamingo.build_model)")
+    return cfg
 
 
 def build_model(cfg: ModelConfig) -> Flamingo:
-    """Build a Flamingo model from its config (random init unless weight paths are given).
+    """Build a Flamingo model from a resolved model config (random init unless weight paths are given).
+
+    Loads the vision and LM weights the config names; reads no tokenizer and no OpenFlamingo
+    checkpoint (`megaflamingo.build_model` resolves the config and imports that checkpoint too).
 
     Args:
-        cfg: the model section of the config tree.
+        cfg: the model section, resolved (`megaflamingo.resolve.resolve_model`): vocab_size and
+            the token ids set. An inline LM without a tokenizer needs only the token ids.
     Returns:
         The model in fp32, with its trainable set fixed (Perceiver, cross-attention, added rows).
     Raises:
-        ValueError: a weight file or checkpoint does not match the config.
+        ConfigError: the config is not resolved.
+        ValueError: a weight file does not match the config.
     """
     from megaflamingo.models.hf_weights import load_hf_lm
 
@@ -142,9 +150,4 @@ def build_model(cfg: ModelConfig) -> Flamingo:
         lm = load_hf_lm(cfg.lm.hf_path, vocab_size=cfg.vocab_size, trainable_ids=trainable_ids)
     else:
         lm = build_decoder(cfg.lm, vocab_size=cfg.vocab_size, trainable_ids=trainable_ids)
-    model = Flamingo(VisionEncoder(cfg.vision), lm, cfg)
-    if cfg.openflamingo_checkpoint is not None:
-        from megaflamingo.convert.openflamingo import load_openflamingo_checkpoint
-
-        load_openflamingo_checkpoint(model, cfg.openflamingo_checkpoint)
-    return model
+    return Flamingo(VisionEncoder(cfg.vision), lm, cfg)

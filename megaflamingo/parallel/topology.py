@@ -3,13 +3,14 @@
 Axis order is (pp, dp, tp) with tp innermost, so the ranks of one tensor-parallel group are
 consecutive and stay inside a node; this is also the order of DeepSpeed's
 `PipeModelDataParallelTopology` (axes pipe, data, model). Groups are built once and passed
-explicitly; nothing here is a module-level global.
+explicitly; nothing here is a module-level global. Whether a layout fits a config is
+`megaflamingo.resolve.check_layout`'s question.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from megaflamingo.config import Config, ConfigError
+from megaflamingo.config import ConfigError
 
 AXES = ("pp", "dp", "tp")
 
@@ -65,33 +66,6 @@ class ParallelDims:
     def group_of(self, rank: int, axis: str) -> list[int]:
         """The ranks of `rank`'s group along `axis`."""
         return next(g for g in self.groups(axis) if rank in g)
-
-
-def check_layout(cfg: Config, world_size: int) -> ParallelDims:
-    """Validate the parallel layout against the model before any process group starts.
-
-    Raises:
-        ConfigError: tp*pp does not divide the world; heads, kv-heads or layers do not fit;
-            ZeRO-2/3 requested with pipeline stages.
-    """
-    p = cfg.parallel
-    dims = ParallelDims.from_world(world_size, p.tp, p.pp)
-    if p.pp > 1 and p.zero_stage > 1:
-        raise ConfigError(f"parallel: pipeline parallelism (pp={p.pp}) supports ZeRO stage 0 or 1 only, "
-                          f"got zero_stage={p.zero_stage}")
-    lm = cfg.model.lm
-    if lm.hf_path is not None:
-        from megaflamingo.models.hf_weights import lm_config_from_hf
-
-        lm = lm_config_from_hf(lm.hf_path)
-    kv = lm.num_kv_heads or lm.num_heads
-    for what, count in (("model.lm.num_heads", lm.num_heads), ("model.lm.num_kv_heads", kv),
-                        ("model.xattn.heads", cfg.model.xattn.heads)):
-        if count % p.tp:
-            raise ConfigError(f"parallel.tp={p.tp} does not divide {what}={count}")
-    if lm.num_layers < p.pp:
-        raise ConfigError(f"parallel.pp={p.pp} is more than model.lm.num_layers={lm.num_layers}")
-    return dims
 
 
 @dataclass

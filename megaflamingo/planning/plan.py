@@ -30,7 +30,8 @@ from megaflamingo.config import Config, ConfigError
 from megaflamingo.models.flamingo import xattn_layer_indices
 from megaflamingo.models.flops import count_flops, lm_shape, vision_shape
 from megaflamingo.parallel.layers import shard_bounds
-from megaflamingo.parallel.topology import ParallelDims, check_layout
+from megaflamingo.parallel.topology import ParallelDims
+from megaflamingo.resolve import check_layout
 from megaflamingo.planning import activations as act
 from megaflamingo.planning.inputs import meta_model
 from megaflamingo.planning.params import ParamCounts, rank_params

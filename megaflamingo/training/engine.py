@@ -3,7 +3,8 @@
 Shapes: B micro-batch, G global batch (samples per optimizer step), M media, T text tokens.
 
     engine = build_engine(cfg, model, groups, batch_size=G)
-    loss = train_step(engine, split_batch(global_batch, engine, groups))   # one optimizer step
+    step = build_train_step(engine, groups)                  # training/step.py, plain or pipeline
+    out = step(split_batch(global_batch, engine, groups))    # one optimizer step
 
 A batch is a dict: images (B, M, 1, C, S, S), input_ids (B, T), attention_mask (B, T),
 labels (B, T) (-100 ignored, aligned with input_ids), loss_weight (B,).
@@ -17,12 +18,14 @@ labels (B, T) (-100 ignored, aligned with input_ids), loss_weight (B,).
   module, not `mpu`).
 - Optimizer: torch AdamW over the trainable parameters only (no JIT-built DeepSpeed op), weight
   decay on the cross-attention blocks only (OpenFlamingo, reference §4.3); clipping explicit.
+  Without ZeRO it is `SkipNonFiniteAdamW` (the NaN/Inf policy of `training.step`).
 """
 
 from __future__ import annotations
 
+import os
 import sys
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -33,8 +36,12 @@ from megaflamingo.models.cross_attention import GatedCrossAttentionBlock
 from megaflamingo.models.flamingo import Flamingo
 from megaflamingo.models.flops import count_flops
 from megaflamingo.parallel.plan import apply_tensor_parallel, gather_full_state, logits_vocab_start
-from megaflamingo.parallel.topology import DeepSpeedMPU, ParallelDims, ProcessGroups, check_layout
+from megaflamingo.parallel.topology import DeepSpeedMPU, ParallelDims, ProcessGroups
+from megaflamingo.resolve import batch_layout, check_layout
 from megaflamingo.training.loss import flamingo_loss
+from megaflamingo.training.step import SkipNonFiniteAdamW, TrainStep
+
+__all__ = ["batch_layout", "build_engine", "build_optimizer", "build_train_step", "split_batch", "train_step"]
 
 BATCH_KEYS = ("images", "input_ids", "attention_mask", "labels", "loss_weight")
 
@@ -50,6 +57,20 @@ def skip_shm_op_build() -> None:
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
 
 
+def init_distributed_backend() -> None:
+    """Start torch.distributed through DeepSpeed (NCCL on GPUs, gloo on CPUs), once per process.
+
+    The environment (RANK, WORLD_SIZE, MASTER_ADDR, ...) comes from the launcher.
+    """
+    import deepspeed
+
+    skip_shm_op_build()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
 # ----------------------------------------------------------------------------- batch layout
 
 
@@ -62,29 +83,7 @@ def global_batch_size(cfg: Config) -> int:
     return sum(s.batch_size for s in streams)
 
 
-def batch_layout(global_batch: int, dims: ParallelDims, micro_batch_size: int | None = None) -> tuple[int, int]:
-    """(micro-batch size per rank, gradient-accumulation steps) for a global batch on a layout.
-
-    Default micro-batch: the whole per-rank share without pipeline stages; with pp stages the
-    largest divisor of the share that still gives >= pp micro-batches (keeps the pipeline busy).
-
-    Raises:
-        ConfigError: dp does not divide the global batch, or the micro-batch does not divide the
-            per-rank share.
-    """
-    if global_batch % dims.dp:
-        raise ConfigError(f"global batch {global_batch} is not divisible by dp={dims.dp}")
-    share = global_batch // dims.dp
-    if micro_batch_size is None:
-        fits = [d for d in range(1, share + 1) if share % d == 0 and share // d >= min(dims.pp, share)]
-        micro_batch_size = max(fits) if dims.pp > 1 else share
-    if micro_batch_size < 1 or share % micro_batch_size:
-        raise ConfigError(f"micro batch {micro_batch_size} does not divide the per-rank share {share} "
-                          f"(global batch {global_batch} over dp={dims.dp})")
-    return micro_batch_size, share // micro_batch_size
-
-
-def split_batch(batch: dict[str, torch.Tensor], engine, groups: ProcessGroups) -> list[dict[str, torch.Tensor]]:
+def split_batch(batch: dict[str, torch.Tensor], engine: Any, groups: ProcessGroups) -> list[dict[str, torch.Tensor]]:
     """This rank's micro-batches of a global batch: its DP share, cut into the engine's gas steps.
 
     Every TP rank and pipeline stage of one replica gets the same samples.
@@ -105,7 +104,8 @@ def build_ds_config(cfg: Config, dims: ParallelDims, micro: int, gas: int) -> di
         "gradient_accumulation_steps": gas,
         "gradient_clipping": cfg.optim.grad_clip,  # DeepSpeed's default is 1.0: always explicit
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
-        "bf16": {"enabled": cfg.train.precision == "bf16"},
+        # bf16 wrappers skip a step with a NaN/Inf gradient norm (training.step's policy): explicit.
+        "bf16": {"enabled": cfg.train.precision == "bf16", "check_grad_overflow": True},
         "fp16": {"enabled": False},
         "pipeline": {"pipe_partitioned": False, "grad_partitioned": False, "use_reentrant": False},
         "steps_per_print": 2**31 - 1,
@@ -130,9 +130,14 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]
 
 
 def build_optimizer(cfg: Config, module: nn.Module) -> torch.optim.Optimizer:
-    """torch AdamW over `param_groups(module)` with the config's lr, betas and eps."""
+    """AdamW over `param_groups(module)` with the config's lr, betas and eps.
+
+    Without ZeRO, `SkipNonFiniteAdamW` (DeepSpeed steps it bare); with ZeRO, the stock torch
+    AdamW that DeepSpeed's ZeRO optimizers accept (they skip NaN/Inf steps themselves).
+    """
     o = cfg.optim
-    return torch.optim.AdamW(param_groups(module, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    kind = SkipNonFiniteAdamW if cfg.parallel.zero_stage == 0 else torch.optim.AdamW
+    return kind(param_groups(module, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
 
 
 def pipeline_layer_costs(cfg: Config, model: Flamingo) -> list[float]:
@@ -168,7 +173,7 @@ class FlamingoWithLoss(nn.Module):
         vocab_group: the TP group its logits are sharded over, or None.
     """
 
-    def __init__(self, model: Flamingo, vocab_group=None) -> None:
+    def __init__(self, model: Flamingo, vocab_group: Optional[dist.ProcessGroup] = None) -> None:
         super().__init__()
         self.model, self.vocab_group = model, vocab_group
         self.vocab_start = logits_vocab_start(model.lm)
@@ -226,7 +231,7 @@ def build_engine(cfg: Config, model: Flamingo, groups: ProcessGroups, *, batch_s
         lr_scheduler: optional callable optimizer -> scheduler, stepped by the engine.
         ds_overrides: extra top-level DeepSpeed config entries (merged over the generated ones).
     Returns:
-        A DeepSpeedEngine (pp == 1) or PipelineEngine (pp > 1). Run steps with `train_step`.
+        A DeepSpeedEngine (pp == 1) or PipelineEngine (pp > 1). Run steps with `build_train_step`.
     Raises:
         ConfigError: an illegal layout, or a batch that does not divide over it.
     """
@@ -241,74 +246,38 @@ def build_engine(cfg: Config, model: Flamingo, groups: ProcessGroups, *, batch_s
     skip_shm_op_build()
     module = _build_module(cfg, model, groups)
     mpu = DeepSpeedMPU(groups) if dims.pp == 1 else None  # a PipelineModule carries its topology
-    engine, *_ = deepspeed.initialize(model=module, optimizer=build_optimizer(cfg, module),
+    optimizer = build_optimizer(cfg, module)
+    engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer,
                                       lr_scheduler=lr_scheduler, config=ds_config, mpu=mpu)
+    if isinstance(optimizer, SkipNonFiniteAdamW):  # a bf16 wrapper steps it per group, checking itself
+        optimizer.active = engine.optimizer is optimizer
     return engine
 
 
 # ----------------------------------------------------------------------------- running steps
 
 
-def is_pipeline(engine) -> bool:
+def is_pipeline(engine: Any) -> bool:
+    """Whether `engine` is DeepSpeed's PipelineEngine."""
     from deepspeed.runtime.pipe.engine import PipelineEngine
 
     return isinstance(engine, PipelineEngine)
 
 
-def guard_pipeline_step(engine) -> None:
-    """Make a pipeline engine skip, on every rank, an optimizer step with a NaN/Inf gradient.
+def build_train_step(engine: Any, groups: ProcessGroups) -> TrainStep:
+    """The step function of `engine` (plain or pipeline, picked here once): see `training.step`."""
+    return TrainStep(engine, groups, pipeline=is_pipeline(engine))
 
-    `train_batch` steps the optimizer inside DeepSpeed's schedule. ZeRO-1 already skips a step
-    whose gradient norm is not finite (its gradients live in its partitions by then); a ZeRO-0
-    engine would clip and apply the NaNs, so for ZeRO-0 the step is wrapped: each rank checks its
-    trainable gradients, the flag is reduced over the world, and a bad step only zeroes them.
+
+def train_step(engine: Any, micro_batches: Sequence[dict[str, torch.Tensor]], groups: ProcessGroups) -> float:
+    """One optimizer step through `build_train_step`; returns the global batch's loss.
+
+    The value is the mean over micro-batches and DP ranks, i.e. the loss of the global batch.
     """
-    if engine.zero_optimization_stage() > 0:
-        return
-    take_step = engine._take_model_step
-
-    def guarded(lr_kwargs=None):
-        grads = [p.grad for p in engine.module.parameters() if p.requires_grad and p.grad is not None]
-        bad = torch.tensor([float(any(not torch.isfinite(g).all() for g in grads))], device=engine.device)
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        if bad.item():
-            engine.zero_grad()
-            return
-        take_step(lr_kwargs)
-
-    engine._take_model_step = guarded
+    return build_train_step(engine, groups)(micro_batches).loss
 
 
-def pipeline_item(batch: dict[str, torch.Tensor]) -> tuple:
-    """A micro-batch in PipelineEngine's format: ((images, input_ids, mask), (labels, loss_weight))."""
-    return ((batch["images"], batch["input_ids"], batch["attention_mask"]),
-            (batch["labels"], batch["loss_weight"]))
-
-
-def train_step(engine, micro_batches: Sequence[dict[str, torch.Tensor]]) -> float:
-    """One optimizer step over this rank's micro-batches; returns the global batch's loss.
-
-    PP: `engine.train_batch` runs the pipeline schedule. Otherwise forward / backward / step per
-    micro-batch (the engine steps the optimizer at the accumulation boundary). Either way the
-    value is the mean over micro-batches and DP ranks, i.e. the loss of the global batch.
-    """
-    if len(micro_batches) != engine.gradient_accumulation_steps():
-        raise ValueError(f"expected {engine.gradient_accumulation_steps()} micro-batches, got {len(micro_batches)}")
-    if is_pipeline(engine):
-        return float(engine.train_batch(iter([pipeline_item(b) for b in micro_batches])))
-    losses = []
-    for batch in micro_batches:
-        loss = engine(**batch)
-        engine.backward(loss)
-        engine.step()
-        losses.append(loss.detach().float())
-    mean = torch.stack(losses).mean()
-    dp_group = engine.mpu.get_data_parallel_group()
-    dist.all_reduce(mean, group=dp_group)
-    return float(mean) / dist.get_world_size(dp_group)
-
-
-def gather_trainable_state(engine) -> dict[str, torch.Tensor]:
+def gather_trainable_state(engine: Any) -> dict[str, torch.Tensor]:
     """This rank's trainable parameters in full (ZeRO-3 and TP shards gathered), plain names.
 
     Collective: every rank must call it. With pipeline stages each rank returns its stage's share

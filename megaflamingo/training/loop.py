@@ -1,66 +1,45 @@
 """The training job: distributed setup, the step loop, checkpoints with exact resume, preemption.
 
-    run(cfg, resume="auto")    # what launcher/pretrain.py calls on every rank
+    run(cfg, build_model, resume="auto")    # what launcher/pretrain.py calls on every rank
 
-Per optimizer step, every rank takes its micro-batches from the data loader (both streams in the
-configured ratio), runs them through the DeepSpeed engine (plain or pipeline), and rank 0 logs.
-Stream loss multipliers are per-sample `loss_weight`s, rescaled here so that the step's loss is
-sum_s multiplier_s * loss_s, OpenFlamingo's objective (reference §4.2), whatever the number of
-micro-batches: the engine averages over the step's micro-batches, so a stream with k of the step's
-n micro-batches gets weight multiplier * n / k.
+The config is resolved once (`megaflamingo.resolve`: LM sizes, token ids, the layout) before any
+process group starts. Per optimizer step, every rank takes its micro-batches from the data loader
+(both streams in the configured ratio) and runs them through the one step function
+(`training.step`, plain or pipeline engine); rank 0 logs. Stream loss multipliers are per-sample
+`loss_weight`s, rescaled here so that the step's loss is sum_s multiplier_s * loss_s,
+OpenFlamingo's objective (reference §4.2), whatever the number of micro-batches: the engine
+averages over the step's micro-batches, so a stream with k of the step's n micro-batches gets
+weight multiplier * n / k.
 
 The learning rate is set by the loop from the step number (`schedule.lr_multiplier`), so it needs
-no state of its own in a checkpoint. A step whose loss is NaN/Inf on any rank is skipped on every
-rank (the bad micro-batch backpropagates zero, the optimizer runs at lr 0 so no parameter moves)
-and counted; too many in a row abort the run.
+no state of its own in a checkpoint. A step with a NaN/Inf gradient on any rank is skipped on
+every rank (see `training.step`) and counted; too many in a row abort the run.
 """
 
 from __future__ import annotations
 
 import os
 import random
-import signal
 import socket
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 
-from megaflamingo.config import Config, ConfigError, to_dict
-from megaflamingo.parallel.topology import ProcessGroups, build_groups, check_layout
+from megaflamingo.config import Config, ConfigError, ModelConfig, to_dict
+from megaflamingo.parallel.topology import ProcessGroups, build_groups
+from megaflamingo.resolve import resolve_config
 from megaflamingo.training.checkpoint import commit_checkpoint, latest_checkpoint, staging_name
 from megaflamingo.training.metrics import MetricsLogger
+from megaflamingo.training.run_state import Counters, Preemption, TrainingAborted, hold_for_test
 from megaflamingo.training.schedule import lr_multiplier
 
-
-@dataclass
-class Counters:
-    """What a resumed run must continue counting."""
-
-    step: int = 0
-    skipped_steps: int = 0
-    skipped_in_a_row: int = 0
-    samples: int = 0
-
-
-class TrainingAborted(RuntimeError):
-    """Too many NaN/Inf steps in a row (`train.max_skipped_steps_in_a_row`): every rank stops."""
-
-
-class Preemption:
-    """SIGTERM / SIGINT set a flag; the loop saves at the next step boundary and exits cleanly."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
+__all__ = ["Counters", "Trainer", "TrainingAborted", "init_distributed", "run"]
 
 
 # ----------------------------------------------------------------------------- setup
@@ -72,27 +51,55 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(cfg: Config) -> ProcessGroups:
-    """Validate the layout for the launcher's world size, then start torch.distributed.
+def init_distributed(cfg: Config) -> tuple[Config, ProcessGroups]:
+    """Resolve the config for the launcher's world size, then start torch.distributed.
 
     Works under the deepspeed launcher, torchrun, or as a single plain process.
+    Returns:
+        (the resolved config, this rank's process groups).
     Raises:
-        ConfigError: the layout does not fit the world size or the model (before any group starts).
+        ConfigError: the config does not resolve or the layout does not fit (before any group starts).
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    dims = check_layout(cfg, world)
+    cfg, dims = resolve_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     if "RANK" not in os.environ:  # a plain `python launcher/pretrain.py`: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
-    import deepspeed
+    from megaflamingo.training.engine import init_distributed_backend
 
-    from megaflamingo.training.engine import skip_shm_op_build
+    init_distributed_backend()
+    return cfg, build_groups(dims)
 
-    skip_shm_op_build()
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    return build_groups(dims)
+
+def build_training_engine(cfg: Config, groups: ProcessGroups, model: nn.Module, num_micro: int) -> Any:
+    """The model in its DeepSpeed engine.
+
+    Micro-batches of the two streams differ in size and shape; the engine only needs their count
+    (`num_micro` per rank per step).
+    """
+    from megaflamingo.training.engine import build_engine
+
+    return build_engine(cfg, model, groups, batch_size=num_micro * groups.dims.dp, micro_batch_size=1)
+
+
+def build_logger(cfg: Config, groups: ProcessGroups, resumed: bool) -> MetricsLogger:
+    """Rank 0's metrics logger (a no-op elsewhere); rank 0 also writes the resolved config.yaml."""
+    out = Path(cfg.train.output_dir)
+    logger = MetricsLogger(out, enabled=groups.rank == 0, tensorboard=cfg.logging.tensorboard,
+                           wandb_project=cfg.logging.wandb_project, resume=resumed)
+    if groups.rank == 0:
+        import yaml
+
+        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return logger
+
+
+def build_progress(cfg: Config, groups: ProcessGroups, initial: int) -> Optional[Any]:
+    """A live tqdm bar on rank 0 when stderr is a terminal (log lines are printed either way)."""
+    if groups.rank != 0 or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=cfg.train.steps, initial=initial, unit="step", dynamic_ncols=True)
 
 
 def _rng_state() -> dict:
@@ -116,67 +123,43 @@ def _batch_stats(batch: dict) -> tuple[int, int, int]:
     return images.shape[0], int(batch["attention_mask"].sum()), real_images
 
 
-def _unweighted(loss: torch.Tensor, batch: dict) -> torch.Tensor:
-    """A micro-batch's loss without its stream weight (the per-sample `loss_weight`, same for all)."""
-    weight = float(batch["loss_weight"][0])
-    return loss.float() / weight if weight else loss.float()
-
-
 # ----------------------------------------------------------------------------- the trainer
 
 
 class Trainer:
-    """Everything one rank needs to train: model, engine, data, logging, checkpoints.
+    """Everything one rank needs to train: model, engine, step function, data, logging, checkpoints.
 
     Args:
-        cfg: the validated run config.
+        cfg: the resolved run config (`resolve_config`; `init_distributed` returns it).
         groups: this rank's process groups.
+        model: the model of `cfg.model`, the same initial weights on every rank.
         resume: a checkpoint dir, "auto" (the latest under output_dir, if any) or None.
+    Raises:
+        ConfigError: no tokenizer, a data or checkpoint problem.
     """
 
-    def __init__(self, cfg: Config, groups: ProcessGroups, resume: Optional[str] = "auto") -> None:
+    def __init__(self, cfg: Config, groups: ProcessGroups, model: nn.Module, resume: Optional[str] = "auto") -> None:
         from megaflamingo.data.loader import build_train_loader
         from megaflamingo.data.tokenizer import load_tokenizer
-        from megaflamingo.models.flamingo import build_model
-        from megaflamingo.training.engine import build_engine, is_pipeline
+        from megaflamingo.training.engine import build_train_step
 
         if cfg.model.tokenizer is None:
             raise ConfigError("model.tokenizer: training needs a tokenizer directory")
         self.cfg, self.groups = cfg, groups
-        self.out = Path(cfg.train.output_dir)
-        self.ckpt_root = self.out / "checkpoints"
+        self.ckpt_root = Path(cfg.train.output_dir) / "checkpoints"
         self.tokenizer, _ = load_tokenizer(cfg.model.tokenizer)
-        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        model = build_model(cfg.model)
         self.loader = build_train_loader(cfg, self.tokenizer, groups.dp_rank, groups.dims.dp)
-        self.order = list(self.loader.order)
-        num_micro = len(self.order)
+        self.order = list(self.loader.order)  # the stream of each micro-batch of a step
         self.per_step = dict(self.loader.per_step)  # micro-batches per step of each stream
-        self.weight_scale = {name: num_micro / k for name, k in self.per_step.items()}
-        # Micro-batches of the two streams differ in size and shape; the engine only needs their count.
-        self.engine = build_engine(cfg, model, groups, batch_size=num_micro * groups.dims.dp, micro_batch_size=1)
-        self.pipeline = is_pipeline(self.engine)
+        self.weight_scale = {name: len(self.order) / k for name, k in self.per_step.items()}
+        self.engine = build_training_engine(cfg, groups, model, len(self.order))
+        self.step_fn = build_train_step(self.engine, groups)
         self.device = self.engine.device
-        if self.pipeline:
-            from megaflamingo.training.engine import guard_pipeline_step
-
-            guard_pipeline_step(self.engine)
         self.base_lrs = [g["lr"] for g in self.engine.optimizer.param_groups]
         self.counters = Counters()
-        resumed = self._resume(resume)
-        self.logger = MetricsLogger(self.out, enabled=groups.rank == 0, tensorboard=cfg.logging.tensorboard,
-                                    wandb_project=cfg.logging.wandb_project, resume=resumed)
-        if groups.rank == 0:
-            import yaml
-
-            (self.out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        self.logger = build_logger(cfg, groups, resumed=self._resume(resume))
         self.preemption = Preemption()
-        self.progress = None
-        if groups.rank == 0 and sys.stderr.isatty():  # a live bar on terminals; log lines either way
-            from tqdm import tqdm
-
-            self.progress = tqdm(total=cfg.train.steps, initial=self.counters.step, unit="step",
-                                 dynamic_ncols=True)
+        self.progress = build_progress(cfg, groups, self.counters.step)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -217,9 +200,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
 
-    def _set_lr(self, scale: float) -> float:
+    def _set_lr(self) -> float:
         o = self.cfg.optim
-        mult = scale * lr_multiplier(self.counters.step, o.schedule, o.warmup_steps, self.cfg.train.steps)
+        mult = lr_multiplier(self.counters.step, o.schedule, o.warmup_steps, self.cfg.train.steps)
         for group, base in zip(self.engine.optimizer.param_groups, self.base_lrs):
             group["lr"] = base * mult
         return self.base_lrs[0] * mult
@@ -229,82 +212,31 @@ class Trainer:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
-    def _zero_loss(self) -> torch.Tensor:
-        """A finite loss with zero gradient for every trainable parameter (keeps hooks and
-        gradient reduction on their normal path when a micro-batch's real loss is NaN/Inf)."""
-        params = [p for p in self.engine.module.parameters() if p.requires_grad]
-        return torch.stack([(p * 0).sum() for p in params]).sum()
-
-    def _run_pipeline(self, micro_batches: list[dict]) -> dict[str, list]:
-        """One pipeline schedule (forward, backward, optimizer step inside `train_batch`).
-
-        Returns the last stage's per-micro-batch losses by stream (empty lists on other stages).
-        A NaN/Inf step never moves parameters: ZeRO-1's optimizer skips steps whose gradient norm
-        is not finite, and `guard_pipeline_step` does the same for ZeRO-0.
-        """
-        from megaflamingo.training.engine import pipeline_item
-
-        loss_fn = self.engine.module.loss_fn
-        loss_fn.recorded = recorded = []
-        try:
-            self.engine.train_batch(iter([pipeline_item(b) for b in micro_batches]))
-        finally:
-            loss_fn.recorded = None
-        losses: dict[str, list] = {name: [] for name in self.weight_scale}
-        for name, batch, loss in zip(self.order, micro_batches, recorded):
-            losses[name].append(_unweighted(loss, batch))
-        return losses
-
-    def _run_micro_batches(self, micro_batches: list[dict]) -> tuple[dict[str, list], bool]:
-        """Forward/backward every micro-batch (no pipeline); returns per-stream losses and badness.
-
-        Once any rank sees a NaN/Inf loss, the rest of the step backpropagates zero and the
-        optimizer runs at lr 0: no parameter moves (Adam's moments still see the step's finite
-        micro-batches that came before the bad one).
-        """
-        losses: dict[str, list] = {name: [] for name in self.weight_scale}
-        bad = False
-        for name, batch in zip(self.order, micro_batches):
-            loss = self.engine(**batch)
-            bad = self._any_rank(not bool(torch.isfinite(loss.detach()).all())) or bad
-            self.engine.backward(self._zero_loss() if bad else loss)
-            losses[name].append(_unweighted(loss.detach(), batch))
-            if bad and self.engine.is_gradient_accumulation_boundary():
-                self._set_lr(0.0)
-            self.engine.step()
-        return losses, bad
-
     def train_step(self, micro_batches: list[dict]) -> dict:
-        """One optimizer step; returns the metrics of it (all ranks agree on `loss`)."""
+        """One optimizer step; returns its metrics (the same on every rank) and whether it applied."""
         for name, batch in zip(self.order, micro_batches):
             batch["loss_weight"] = batch["loss_weight"] * self.weight_scale[name]
-        lr = self._set_lr(1.0)
-        if self.pipeline:
-            losses, bad = self._run_pipeline(micro_batches), False
-        else:
-            losses, bad = self._run_micro_batches(micro_batches)
-        # Per-stream means over the step's micro-batches and DP ranks; with pipeline stages only the
-        # last stage holds losses, so the sums are reduced over the pipeline group too.
-        names = list(losses)
-        sums = torch.zeros(len(names), dtype=torch.float64, device=self.device)
-        for i, name in enumerate(names):
-            if losses[name]:
-                sums[i] = torch.stack(losses[name]).double().sum()
-        dist.all_reduce(sums, group=self.groups.pp)
-        dist.all_reduce(sums, group=self.groups.dp)
-        per_stream = {name: float(sums[i]) / (self.per_step[name] * self.groups.dims.dp)
-                      for i, name in enumerate(names)}
-        total = sum(getattr(self.cfg.data, n).loss_multiplier * v for n, v in per_stream.items())
-        bad = bad or not torch.isfinite(torch.tensor(total)).item()
-        return {"lr": lr, "bad": bad, "loss": total, **{f"loss_{n}": v for n, v in per_stream.items()}}
+        lr = self._set_lr()
+        out = self.step_fn(micro_batches, self.order)
+        total = sum(getattr(self.cfg.data, n).loss_multiplier * v for n, v in out.stream_losses.items())
+        return {"lr": lr, "applied": out.applied, "loss": total,
+                **{f"loss_{n}": v for n, v in out.stream_losses.items()}}
+
+    def _count(self, applied: bool) -> None:
+        """Count a skipped step; too many in a row abort (no checkpoint of a diverging run)."""
+        c, limit = self.counters, self.cfg.train.max_skipped_steps_in_a_row
+        c.skipped_steps += not applied
+        c.skipped_in_a_row = 0 if applied else c.skipped_in_a_row + 1
+        if c.skipped_in_a_row > limit:
+            raise TrainingAborted(f"{c.skipped_in_a_row} steps in a row had a NaN/Inf loss (step {c.step}; "
+                                  f"train.max_skipped_steps_in_a_row={limit}); aborting without saving")
 
     # ------------------------------------------------------------------ the loop
 
     def train(self) -> int:
         """Run until train.steps (or a preemption signal); returns the process exit code."""
         cfg, c = self.cfg, self.counters
-        batches = iter(self.loader)
-        tick = time.perf_counter()
+        batches, tick = iter(self.loader), time.perf_counter()
         while c.step < cfg.train.steps:
             micro_batches = next(batches)
             stats = torch.tensor([sum(x) for x in zip(*map(_batch_stats, micro_batches))], dtype=torch.float64,
@@ -312,22 +244,11 @@ class Trainer:
             metrics = self.train_step(micro_batches)
             dist.all_reduce(stats, group=self.groups.dp)
             c.step += 1
-            if metrics.pop("bad"):
-                c.skipped_steps += 1
-                c.skipped_in_a_row += 1
-                if c.skipped_in_a_row > cfg.train.max_skipped_steps_in_a_row:
-                    raise TrainingAborted(f"{c.skipped_in_a_row} steps in a row had a NaN/Inf loss (step "
-                                          f"{c.step}; train.max_skipped_steps_in_a_row="
-                                          f"{cfg.train.max_skipped_steps_in_a_row}); aborting without saving")
-            else:
-                c.skipped_in_a_row = 0
             c.samples += int(stats[0])
+            self._count(metrics.pop("applied"))
             elapsed, tick = time.perf_counter() - tick, time.perf_counter()
-            if self.progress is not None:
-                self.progress.update(1)
-                self.progress.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
-            if c.step % cfg.logging.every == 0 or c.step == cfg.train.steps:
-                self._log(metrics, stats, elapsed)
+            self._report(metrics, stats, elapsed)
+            hold_for_test(c.step, self.groups.rank, self.preemption)
             stop = self._any_rank(self.preemption.requested)
             if stop or (cfg.checkpoint.every and c.step % cfg.checkpoint.every == 0):
                 self.save()
@@ -336,6 +257,14 @@ class Trainer:
         if cfg.checkpoint.every and cfg.train.steps % cfg.checkpoint.every:
             self.save()
         return 0
+
+    def _report(self, metrics: dict, stats: torch.Tensor, elapsed: float) -> None:
+        if self.progress is not None:
+            self.progress.update(1)
+            self.progress.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
+        step = self.counters.step
+        if step % self.cfg.logging.every == 0 or step == self.cfg.train.steps:
+            self._log(metrics, stats, elapsed)
 
     def _log(self, metrics: dict, stats: torch.Tensor, elapsed: float) -> None:
         samples, tokens, images = (float(x) for x in stats)
@@ -361,12 +290,20 @@ class Trainer:
         self.logger.close()
 
 
-def run(cfg: Config, resume: Optional[str] = "auto") -> int:
-    """Train on this rank: set up, loop, and always end with barrier + destroy_process_group."""
-    groups = init_distributed(cfg)
+def run(cfg: Config, build_model: Callable[[ModelConfig], nn.Module], resume: Optional[str] = "auto") -> int:
+    """Train on this rank: resolve, build, set up, loop; always end with barrier + destroy_process_group.
+
+    Args:
+        cfg: the loaded config (resolved here).
+        build_model: resolved model config -> model (`megaflamingo.builder.build_model`, which
+            also imports an OpenFlamingo checkpoint: training itself never imports convert/).
+        resume: a checkpoint dir, "auto" or None.
+    """
+    cfg, groups = init_distributed(cfg)
     trainer = None
     try:
-        trainer = Trainer(cfg, groups, resume)
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        trainer = Trainer(cfg, groups, build_model(cfg.model), resume)
         return trainer.train()
     finally:
         if trainer is not None:

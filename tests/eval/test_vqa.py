@@ -64,7 +64,7 @@ def test_evaluate_vqa_batched_equals_one_by_one_and_blanks_images(tmp_path):
     from megaflamingo.config import load_config
     from megaflamingo.data.images import ImageTransform
     from megaflamingo.data.tokenizer import load_tokenizer
-    from megaflamingo.models.flamingo import build_model
+    from megaflamingo.builder import build_model
     from tests.integration.test_pretrain import ROOT
 
     tok_dir = make_bpe_tokenizer(tmp_path / "tok", vocab_size=257)

@@ -46,7 +46,7 @@ runpy.run_path("launcher/pretrain.py", run_name="__main__")
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
+def assets(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     from megaflamingo.data.easyvqa import write_easy_vqa
 
     base = tmp_path_factory.mktemp("nan")
@@ -57,7 +57,7 @@ def assets(tmp_path_factory):
     return base, tok, script
 
 
-def _args(assets, out: Path, *extra: str) -> list[str]:
+def _args(assets: tuple[Path, Path, Path], out: Path, *extra: str) -> list[str]:
     """pretrain.py arguments: tiny.yaml on the easy-vqa shards, 3 steps, a checkpoint after each."""
     base, tok, _ = assets
     return ["--config", "configs/tiny.yaml", f"model.tokenizer={tok}",
@@ -88,7 +88,7 @@ def _trainable(ckpt: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("zero,pp", [(0, 1), (1, 1), (2, 1), (3, 1), (0, 2), (1, 2)],
                          ids=["zero0", "zero1", "zero2", "zero3", "pp2-zero0", "pp2-zero1"])
-def test_nan_step_is_skipped_and_counted(assets, zero, pp):
+def test_nan_step_is_skipped_and_counted(assets: tuple[Path, Path, Path], zero: int, pp: int) -> None:
     base, tok, script = assets
     out = base / f"run-z{zero}-pp{pp}"
     args = _args(assets, out, f"parallel.zero_stage={zero}", f"parallel.pp={pp}", "optim.lr=1e-2")
@@ -115,7 +115,7 @@ def test_nan_step_is_skipped_and_counted(assets, zero, pp):
     assert all(torch.isfinite(v).all() for v in three.values())
     if pp == 1:  # what evaluation loads: the same tensors, whatever the ZeRO stage
         from megaflamingo.config import load_config
-        from megaflamingo.models.flamingo import build_model
+        from megaflamingo.builder import build_model
         from megaflamingo.training.checkpoint import load_trainable_weights
 
         model = build_model(load_config(ROOT / "configs/tiny.yaml", [f"model.tokenizer={tok}"]).model)
@@ -124,7 +124,7 @@ def test_nan_step_is_skipped_and_counted(assets, zero, pp):
         assert names and all(torch.equal(params[n], saved[n]) for n in names)
 
 
-def test_too_many_nan_steps_in_a_row_abort_with_one_line(assets):
+def test_too_many_nan_steps_in_a_row_abort_with_one_line(assets: tuple[Path, Path, Path]) -> None:
     base, _, script = assets
     out = base / "run-abort"
     args = _args(assets, out, "train.max_skipped_steps_in_a_row=0")

@@ -2,7 +2,8 @@
 exact resume after SIGKILL and after SIGTERM (the preemption path), and one-line config errors.
 
 Each launch costs ~20-40 s on 2 cores, so one uninterrupted reference run per layout is shared by
-the kill/resume checks.
+the kill/resume checks. A signal never races training: the run is held at a known step by the
+loop's test hold (`training.run_state.hold_for_test`) and signalled while it provably waits there.
 """
 
 from __future__ import annotations
@@ -13,12 +14,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
+import psutil
 import pytest
 import torch
 
 from megaflamingo.training.checkpoint import latest_checkpoint, staging_name
 from megaflamingo.training.metrics import read_metrics
+from megaflamingo.training.run_state import HOLD_AT_STEP, HOLD_MARKER
 from tests.assets import make_bpe_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,7 +31,7 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
+def assets(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     base = tmp_path_factory.mktemp("pretrain")
     tok = make_bpe_tokenizer(base / "tok", vocab_size=257)
     from megaflamingo.data.easyvqa import write_easy_vqa
@@ -36,7 +40,7 @@ def assets(tmp_path_factory):
     return base, tok
 
 
-def _overrides(assets, out: Path, extra=()) -> list[str]:
+def _overrides(assets: tuple[Path, Path], out: Path, extra: Sequence[str] = ()) -> list[str]:
     base, tok = assets
     return [f"model.tokenizer={tok}", f"data.laion.shards={base}/data/laion/*.tar",
             f"data.mmc4.shards={base}/data/mmc4/*.tar", "data.mmc4_options.min_image_bytes=0",
@@ -45,7 +49,8 @@ def _overrides(assets, out: Path, extra=()) -> list[str]:
             f"train.output_dir={out}", *extra]
 
 
-def _launch(assets, out: Path, extra=(), ranks: int = 2, env=None) -> subprocess.Popen:
+def _launch(assets: tuple[Path, Path], out: Path, extra: Sequence[str] = (), ranks: int = 2,
+            env: dict[str, str] | None = None) -> subprocess.Popen:
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", **(env or {}))
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
            "--master_port", str(29500 + os.getpid() % 1000), "launcher/pretrain.py",
@@ -54,22 +59,40 @@ def _launch(assets, out: Path, extra=(), ranks: int = 2, env=None) -> subprocess
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _run(assets, out: Path, extra=()) -> None:
+def _run(assets: tuple[Path, Path], out: Path, extra: Sequence[str] = ()) -> None:
     proc = _launch(assets, out, extra)
     assert proc.wait(timeout=600) == 0, (out.parent / f"{out.name}.log").read_text()[-3000:]
 
 
-def _kill_after_checkpoint(assets, out: Path, step: int, sig: int, extra=()) -> int:
-    """Start a run, wait until the checkpoint of `step` is committed, signal every process."""
-    proc = _launch(assets, out, extra)
+def _wait_until_held(proc: subprocess.Popen, marker: Path, log: Path) -> None:
+    """Wait (with a deadline) until the run says it is held; it then stays held until signalled."""
     deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        found = latest_checkpoint(out / "checkpoints")
-        if found is not None and int(found.name.split("_")[1]) >= step:
-            os.killpg(proc.pid, sig)
-            break
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
-    return proc.wait(timeout=120)
+    assert marker.exists(), log.read_text()[-3000:]
+
+
+def _signal_held_run(assets: tuple[Path, Path], out: Path, step: int, sig: int, extra: Sequence[str] = ()) -> int:
+    """Start a run held after `step`, signal it while it is held, wait for every process of it.
+
+    SIGKILL goes to every process (launcher included): the newest checkpoint stays step 2
+    (checkpoint.every=2; the hold comes before step 4's save). SIGTERM goes to every rank, as a
+    scheduler's preemption notice: the ranks save step 4 and exit 0, and so does the launcher.
+    """
+    marker = out.parent / f"{out.name}.held"
+    proc = _launch(assets, out, extra, env={HOLD_AT_STEP: str(step), HOLD_MARKER: str(marker)})
+    _wait_until_held(proc, marker, out.parent / f"{out.name}.log")
+    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    if sig == signal.SIGKILL:
+        os.killpg(proc.pid, sig)
+    else:
+        ranks = [p for p in tree if any(a.startswith("--local_rank") for a in p.cmdline())]
+        assert ranks, [p.cmdline() for p in tree]
+        for rank in ranks:
+            rank.send_signal(sig)
+    _, alive = psutil.wait_procs(tree, timeout=300)
+    assert not alive, alive
+    return proc.wait(timeout=10)
 
 
 def _losses(out: Path) -> dict[int, float]:
@@ -83,13 +106,13 @@ def _final_trainable(out: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def reference(assets):
+def reference(assets: tuple[Path, Path]) -> Path:
     out = assets[0] / "reference"
     _run(assets, out)
     return out
 
 
-def test_trains_logs_and_checkpoints(reference):
+def test_trains_logs_and_checkpoints(reference: Path) -> None:
     losses = _losses(reference)
     assert sorted(losses) == list(range(1, STEPS + 1))
     first, last = sum(losses[s] for s in (1, 2, 3)) / 3, sum(losses[s] for s in (6, 7, 8)) / 3
@@ -103,14 +126,14 @@ def test_trains_logs_and_checkpoints(reference):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
-def test_resume_is_exact(assets, reference, sig):
+def test_resume_is_exact(assets: tuple[Path, Path], reference: Path, sig: signal.Signals) -> None:
     out = assets[0] / f"killed-{sig.name}"
-    code = _kill_after_checkpoint(assets, out, step=4, sig=sig)
-    if sig == signal.SIGTERM:
-        assert code != -signal.SIGKILL
-        assert latest_checkpoint(out / "checkpoints") is not None
+    code = _signal_held_run(assets, out, step=4, sig=sig)
     killed_at = int(latest_checkpoint(out / "checkpoints").name.split("_")[1])
-    assert killed_at < STEPS
+    if sig == signal.SIGTERM:  # preemption: saved at the step it was held at, clean exit
+        assert code == 0 and killed_at == 4, (code, killed_at)
+    else:
+        assert killed_at == 2
     _run(assets, out)  # auto-resumes from the newest checkpoint
     ref, got = _losses(reference), _losses(out)
     for step in range(killed_at + 1, STEPS + 1):
@@ -139,17 +162,14 @@ if os.environ.get("MF_TEST_HANG_IN_SAVE"):
 """
 
 
-def test_sigkill_during_a_save_leaves_previous_checkpoint_used(assets, reference, tmp_path):
+def test_sigkill_during_a_save_leaves_previous_checkpoint_used(assets: tuple[Path, Path], reference: Path, tmp_path: Path) -> None:
     """SIGKILL while step 4 is being saved: step 2 stays the latest, resume uses it, the run ends exact."""
     out = assets[0] / "killed-in-save"
     hook, marker = tmp_path / "hook", tmp_path / "in-save"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(HANG_IN_SAVE)
     proc = _launch(assets, out, env={"PYTHONPATH": str(hook), "MF_TEST_HANG_IN_SAVE": str(marker)})
-    deadline = time.time() + 600
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    assert marker.exists(), (out.parent / f"{out.name}.log").read_text()[-3000:]
+    _wait_until_held(proc, marker, out.parent / f"{out.name}.log")  # held inside the save
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=120)
     staging = out / "checkpoints" / staging_name(4)
@@ -164,7 +184,7 @@ def test_sigkill_during_a_save_leaves_previous_checkpoint_used(assets, reference
     assert not staging.exists()
 
 
-def test_config_errors_exit_2_with_one_line(assets, tmp_path):
+def test_config_errors_exit_2_with_one_line(assets: tuple[Path, Path], tmp_path: Path) -> None:
     env = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1")
     cases = [(["optim.lrr=1"], "unknown key 'optim.lrr' (did you mean 'lr'?)"),
              (["parallel.pp=2", "parallel.zero_stage=2"], "supports ZeRO stage 0 or 1 only"),
@@ -180,7 +200,7 @@ def test_config_errors_exit_2_with_one_line(assets, tmp_path):
         assert "Traceback" not in proc.stderr
 
 
-def test_illegal_layout_under_the_launcher_fails_before_work(assets, tmp_path):
+def test_illegal_layout_under_the_launcher_fails_before_work(assets: tuple[Path, Path], tmp_path: Path) -> None:
     out = tmp_path / "layout"
     out.mkdir()
     proc = _launch(assets, out / "run", extra=["parallel.pp=2", "parallel.tp=2"])
@@ -190,12 +210,12 @@ def test_illegal_layout_under_the_launcher_fails_before_work(assets, tmp_path):
     assert not (out / "run" / "metrics.jsonl").exists()
 
 
-def test_resume_is_exact_with_tensor_parallelism(assets):
+def test_resume_is_exact_with_tensor_parallelism(assets: tuple[Path, Path]) -> None:
     """TP=2 on the 2 ranks: each rank's shard file resumes exactly too."""
     layout = ["parallel.tp=2"]
     ref, out = assets[0] / "tp2-reference", assets[0] / "tp2-killed"
     _run(assets, ref, layout)
-    _kill_after_checkpoint(assets, out, step=4, sig=signal.SIGKILL, extra=layout)
+    _signal_held_run(assets, out, step=4, sig=signal.SIGKILL, extra=layout)
     killed_at = int(latest_checkpoint(out / "checkpoints").name.split("_")[1])
     _run(assets, out, layout)
     want, have = _losses(ref), _losses(out)

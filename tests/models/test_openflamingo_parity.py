@@ -27,7 +27,8 @@ from megaflamingo.convert.openflamingo import (
     import_openflamingo_state_dict,
 )
 from megaflamingo.data.tokenizer import load_tokenizer
-from megaflamingo.models.flamingo import build_model, xattn_layer_indices
+from megaflamingo.builder import build_model  # resolves the tokenizer, then builds
+from megaflamingo.models.flamingo import xattn_layer_indices
 from tests.assets import TINY_VISION, make_bpe_tokenizer
 from tests.hf_models import save_tiny_hf_lm
 

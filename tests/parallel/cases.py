@@ -194,7 +194,7 @@ def train_layout(layout: Layout, world_size: int) -> dict:
                           ds_overrides={"zero_optimization": {"stage": layout.zero,
                                                               "stage3_param_persistence_threshold": 0}})
     batch = global_batch()
-    losses = [train_step(engine, split_batch(batch, engine, groups)) for _ in range(STEPS)]
+    losses = [train_step(engine, split_batch(batch, engine, groups), groups) for _ in range(STEPS)]
     frozen = [p for p in engine.module.parameters() if not p.requires_grad]
     out = {"losses": losses, "params": {k: v.float() for k, v in gather_trainable_state(engine).items()},
            "gas": engine.gradient_accumulation_steps(), "frozen_with_grad": sum(p.grad is not None for p in frozen)}

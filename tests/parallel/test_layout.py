@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from megaflamingo.config import ConfigError
 from megaflamingo.parallel.layers import _shard_rows, shard_bounds, vocab_parallel_cross_entropy
 from megaflamingo.parallel.pipeline import balanced_partition, explicit_partition
-from megaflamingo.parallel.topology import AXES, ParallelDims, check_layout
+from megaflamingo.parallel.topology import AXES, ParallelDims
+from megaflamingo.resolve import check_layout
 from megaflamingo.training.engine import batch_layout
 from megaflamingo.training.loss import flamingo_loss
 from tests.parallel.cases import global_batch, run_config

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from megaflamingo.training.metrics import MetricsLogger, read_metrics
 
 
-def test_jsonl_records_and_resume(tmp_path):
+def test_jsonl_records_and_resume(tmp_path: Path) -> None:
     log = MetricsLogger(tmp_path, tensorboard=False)
     log.log(1, {"loss": torch.tensor(2.5), "skipped": {"corrupt_image": 3}, "lr": 1e-4})
     log.log(2, {"loss": float("nan")})
@@ -21,7 +23,7 @@ def test_jsonl_records_and_resume(tmp_path):
     assert records[1]["loss"] == "nan" and records[2] == {"step": 3, "loss": 1.0}
 
 
-def test_other_ranks_write_nothing(tmp_path):
+def test_other_ranks_write_nothing(tmp_path: Path) -> None:
     log = MetricsLogger(tmp_path / "run", enabled=False)
     log.log(1, {"loss": 1.0})
     log.close()

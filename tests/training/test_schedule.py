@@ -9,7 +9,8 @@ import transformers
 from megaflamingo.training.schedule import build_scheduler, lr_multiplier
 
 
-def _lrs(scheduler, optimizer, steps):
+def _lrs(scheduler: torch.optim.lr_scheduler.LRScheduler, optimizer: torch.optim.Optimizer,
+         steps: int) -> list[float]:
     out = []
     for _ in range(steps):
         out.append(optimizer.param_groups[0]["lr"])
@@ -20,7 +21,7 @@ def _lrs(scheduler, optimizer, steps):
 
 @pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
 @pytest.mark.parametrize("warmup", [0, 3])
-def test_matches_transformers(schedule, warmup):
+def test_matches_transformers(schedule: str, warmup: int) -> None:
     total = 12
     ref_fn = {"constant": lambda o: transformers.get_constant_schedule_with_warmup(o, warmup),
               "linear": lambda o: transformers.get_linear_schedule_with_warmup(o, warmup, total),
