@@ -4,9 +4,9 @@ the new tokens against the cached keys and values of the decoder layers.
 Shapes: B rows, M media, N latents, Dv vision width, P cached tokens, T new tokens, G kv heads,
 K head dim, V vocabulary.
 
-The cross-attention blocks need no cache: a token attends only to the latents of its own image
-(text_time), so the state keeps the latents (B, M, N, Dv) and the last token's text_time, and
-new tokens continue the count. The decoder layers' self-attention appends to `KVSlot`s
+The cross-attention blocks need no per-token cache: a token attends only to the latents of its
+own image (text_time), so the state keeps the latents (B, M, N, Dv), each block's media keys and
+values (computed once per prompt) and the last token's text_time; new tokens continue the count. The decoder layers' self-attention appends to `KVSlot`s
 (`models/decoder.py`); positions and the causal/padding mask of the new tokens come from
 `attention_context(..., past_len=P)`. Same tokens as `UncachedDecoder` (tests/eval/test_cache.py).
 """
@@ -50,7 +50,7 @@ class CachedDecoder:
         text_time = self.model.text_time(input_ids) + last_time[:, None]  # (B, T)
         h = self.model.lm.embed(input_ids)  # (B, T, D)
         ctx = self.model.lm.attention_context(mask, input_ids.shape[1], h.device, h.dtype, past_len)
-        slots = tuple(KVSlot() for _ in layers) if past is None else tuple(KVSlot(s.k, s.v) for s in past)
+        slots = tuple(KVSlot() for _ in layers) if past is None else tuple(KVSlot(s.k, s.v, s.media_kv) for s in past)
         for layer, slot in zip(layers, slots):
             h = layer(h, ctx, media, text_time, slot)
         return h, slots, text_time
@@ -71,5 +71,6 @@ class CachedDecoder:
 
     def select(self, state: CachedState, rows: torch.Tensor) -> CachedState:
         rows = rows.to(state.media.device)
-        kv = tuple(KVSlot(s.k[rows], s.v[rows]) for s in state.kv)
+        kv = tuple(KVSlot(s.k[rows], s.v[rows], None if s.media_kv is None else
+                          (s.media_kv[0][rows], s.media_kv[1][rows])) for s in state.kv)
         return CachedState(state.media[rows], kv, state.attention_mask[rows], state.last_time[rows])

@@ -56,18 +56,24 @@ class GatedCrossAttentionBlock(nn.Module):
         self.ff = FeedForward(dim, cfg.ff_mult)
         self.ff_gate = nn.Parameter(torch.full((1,), float(cfg.gate_init)))
 
-    def forward(self, h: torch.Tensor, media: torch.Tensor, text_time: torch.Tensor) -> torch.Tensor:
+    def media_kv(self, media: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the media latents (B, M, N, Dv): 2 x (B, M, H_local, N, K)."""
+        k, v = self.to_kv(media).unflatten(-1, (2, -1, self.dim_head)).unbind(dim=3)  # 2 x (B, M, N, H_local, K)
+        return k.transpose(2, 3), v.transpose(2, 3)
+
+    def forward(self, h: torch.Tensor, media: torch.Tensor, text_time: torch.Tensor,
+                media_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Args:
             h: (B, T, D) hidden states entering the decoder layer.
             media: (B, M, N, Dv) Perceiver latents of every image.
             text_time: (B, T) long, media index per token (0 = before the first image).
+            media_kv: `media_kv(media)` computed earlier (decoding with a cache), or None.
         Returns:
             (B, T, D).
         """
         K = self.dim_head
         q = self.to_q(self.norm(h)).unflatten(-1, (-1, K)).transpose(1, 2)  # (B, H_local, T, K)
-        k, v = self.to_kv(media).unflatten(-1, (2, -1, K)).unbind(dim=3)  # 2 x (B, M, N, H_local, K)
-        k, v = k.transpose(2, 3), v.transpose(2, 3)  # (B, M, H_local, N, K)
+        k, v = self.media_kv(media) if media_kv is None else media_kv  # (B, M, H_local, N, K)
         attn = media_attention(q, k, v, text_time, gate=self.attn_gate, impl=self.impl)  # (B, H_local, T, K)
         if torch.is_grad_enabled():  # every trainable weight on the graph (module docstring)
             attn = attn + 0.0 * sum(x.sum(dtype=torch.float32) for x in (q, k, v))

@@ -135,7 +135,7 @@ class AttentionContext:
 
 @dataclass
 class KVSlot:
-    """One layer's keys and values of the tokens already run, for decoding with a cache.
+    """One layer's keys and values of the tokens already run (and of the media), for decoding with a cache.
 
     `SelfAttention` prepends them to the new tokens' keys/values (post-RoPE) and stores the
     result back here, so a caller that passes fresh slots keeps the previous ones unchanged.
@@ -145,6 +145,9 @@ class KVSlot:
     """(B, G, P, K) keys, or None before the first call."""
     v: torch.Tensor | None = None
     """(B, G, P, K) values."""
+    media_kv: tuple[torch.Tensor, torch.Tensor] | None = None
+    """The cross-attention block's keys/values of the media in front of this layer, if it has
+    one: 2 x (B, M, H, N, K), computed on the first call (`FusionLayer`)."""
 
 
 # ----------------------------------------------------------------------------- modules

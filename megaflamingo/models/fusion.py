@@ -76,8 +76,8 @@ class FusionLayer(nn.Module):
             ctx: the decoder's attention context for this forward.
             media: (B, M, N, Dv) latents; needed when the layer has a cross-attention block.
             text_time: (B, T) long media index per token; needed with media.
-            kv: the decoder layer's KV-cache slot when decoding with a cache (cross-attention needs
-                none: each token attends to its own image's latents only).
+            kv: the layer's KV-cache slot when decoding with a cache; it also keeps the
+                cross-attention block's media keys/values, computed on the first call.
         Returns:
             (B, T, D).
         Raises:
@@ -86,5 +86,9 @@ class FusionLayer(nn.Module):
         if self.xattn is not None:
             if media is None or text_time is None:
                 raise ValueError("a fusion layer with cross-attention needs media and text_time")
-            h = self.xattn(h, media, text_time)
+            if kv is None:
+                h = self.xattn(h, media, text_time)
+            else:  # the media's keys/values once per prompt
+                kv.media_kv = kv.media_kv or self.xattn.media_kv(media)
+                h = self.xattn(h, media, text_time, kv.media_kv)
         return self.layer(h, ctx, kv) if kv is not None else self.layer(h, ctx)
