@@ -25,7 +25,8 @@ from megaflamingo.config import ConfigError, ModelConfig
 from megaflamingo.models.cross_attention import GatedCrossAttentionBlock
 from megaflamingo.models.decoder import DecoderLM, build_decoder
 from megaflamingo.models.fusion import FusionLayer, MediaEncoder
-from megaflamingo.models.perceiver import PerceiverResampler
+from megaflamingo.models.resamplers import build_resampler
+from megaflamingo.models.towers import build_tower
 from megaflamingo.models.vision import VisionEncoder
 
 
@@ -47,7 +48,7 @@ class Flamingo(nn.Module):
         super().__init__()
         self.media_token_id = cfg.media_token_id
         self.vision = vision
-        self.perceiver = PerceiverResampler(vision.width, cfg.perceiver)
+        self.perceiver = build_resampler(vision.width, cfg)  # the Perceiver unless model.resampler says
         self.lm = lm
         dim = lm.embed_tokens.dim
         self.xattn = nn.ModuleDict(
@@ -150,4 +151,4 @@ def build_model(cfg: ModelConfig) -> Flamingo:
         lm = load_hf_lm(cfg.lm.hf_path, vocab_size=cfg.vocab_size, trainable_ids=trainable_ids)
     else:
         lm = build_decoder(cfg.lm, vocab_size=cfg.vocab_size, trainable_ids=trainable_ids)
-    return Flamingo(VisionEncoder(cfg.vision), lm, cfg)
+    return Flamingo(build_tower(cfg.vision), lm, cfg)
