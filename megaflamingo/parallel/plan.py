@@ -79,6 +79,25 @@ def _compile(plan: Mapping[str, str]) -> list[tuple[re.Pattern, str]]:
     return compiled
 
 
+def match_plan(model: nn.Module, plan: Mapping[str, str]) -> dict[str, str]:
+    """Which modules of `model` a plan swaps, and how.
+
+    Args:
+        model: the module to parallelise.
+        plan: module-path pattern -> style (see the module docstring).
+    Returns:
+        {module path: style}, in module order (the first matching pattern wins).
+    Raises:
+        ValueError: a style not in `PARALLEL_STYLES`.
+    """
+    compiled, matched = _compile(plan), {}
+    for path, _ in model.named_modules():
+        style = next((s for regex, s in compiled if regex.match(path)), None)
+        if style is not None:
+            matched[path] = style
+    return matched
+
+
 def apply_plan(model: nn.Module, plan: Mapping[str, str], group: dist.ProcessGroup) -> list[str]:
     """Swap every module whose path matches a plan pattern for its parallel version, in place.
 
@@ -91,15 +110,11 @@ def apply_plan(model: nn.Module, plan: Mapping[str, str], group: dist.ProcessGro
     Raises:
         ValueError: a style not in `PARALLEL_STYLES`.
     """
-    compiled, swapped = _compile(plan), []
-    for path, module in list(model.named_modules()):
-        style = next((s for regex, s in compiled if regex.match(path)), None)
-        if style is None:
-            continue
+    matched = match_plan(model, plan)
+    for path, style in matched.items():
         parent, _, name = path.rpartition(".")
-        setattr(model.get_submodule(parent), name, PARALLEL_STYLES[style](module, group))
-        swapped.append(path)
-    return swapped
+        setattr(model.get_submodule(parent), name, PARALLEL_STYLES[style](model.get_submodule(path), group))
+    return list(matched)
 
 
 def _check_divisible(model: Flamingo, world: int) -> None:
