@@ -17,6 +17,8 @@
 #                open_flamingo in the same process                               limit 110 s
 #   5. tflops 9B OpenFlamingo-9B shapes (MPT-7B + ViT-L/14, xattn every 4th), bf16, B=4, vs
 #                open_flamingo in the same process                               limit 140 s
+#                (4 and 5 time megaflamingo.training.step, the step function training runs; with no
+#                --config, benchmarks/tflops.py picks the 3B shapes on an 80 GB GPU, 9B on >= 120 GB)
 # OUTDIR gets results.md (environment, one section per step: status, wall time, output tail, and
 # a summary table), all.log (every step's full output) and the benchmarks' JSON files: at most 5
 # files, flat, as the device tool brings back.

@@ -50,7 +50,9 @@ KNOWN_LMS = {
 CPU_DEFAULT = {
     "model": {
         "vision": {"open_clip_config": {"embed_dim": 256, "vision_cfg": {
-            "image_size": 64, "patch_size": 16, "width": 256, "layers": 4, "head_width": 64}}},
+            "image_size": 64, "patch_size": 16, "width": 256, "layers": 4, "head_width": 64},
+            # open_clip builds a whole CLIP (the baseline's factory does): a token text tower
+            "text_cfg": {"context_length": 16, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1}}},
         "lm": {"family": "llama", "vocab_size": 32000, "hidden_size": 512, "num_layers": 8, "num_heads": 8,
                "intermediate_size": 1376},
         # OpenFlamingo's additions after the base vocabulary: <|endofchunk|>, <image>, <PAD>

@@ -39,6 +39,7 @@ from megaflamingo.parallel.plan import apply_tensor_parallel, gather_full_state,
 from megaflamingo.parallel.topology import DeepSpeedMPU, ParallelDims, ProcessGroups
 from megaflamingo.resolve import batch_layout, check_layout
 from megaflamingo.training.loss import flamingo_loss
+from megaflamingo.training.lr_groups import with_lr_multipliers
 from megaflamingo.training.step import SkipNonFiniteAdamW, TrainStep
 
 __all__ = ["batch_layout", "build_engine", "build_optimizer", "build_train_step", "split_batch", "train_step"]
@@ -129,15 +130,18 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(cfg: Config, module: nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(cfg: Config, module: nn.Module, zero_stage: Optional[int] = None) -> torch.optim.Optimizer:
     """AdamW over `param_groups(module)` with the config's lr, betas and eps.
 
     Without ZeRO, `SkipNonFiniteAdamW` (DeepSpeed steps it bare); with ZeRO, the stock torch
     AdamW that DeepSpeed's ZeRO optimizers accept (they skip NaN/Inf steps themselves).
+    `zero_stage`: the stage the engine runs (None: parallel.zero_stage).
     """
     o = cfg.optim
-    kind = SkipNonFiniteAdamW if cfg.parallel.zero_stage == 0 else torch.optim.AdamW
-    return kind(param_groups(module, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    stage = cfg.parallel.zero_stage if zero_stage is None else zero_stage
+    kind = SkipNonFiniteAdamW if stage == 0 else torch.optim.AdamW
+    groups = with_lr_multipliers(param_groups(module, o.weight_decay), module, o.lr, o.lr_multipliers)
+    return kind(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
 
 
 def pipeline_layer_costs(cfg: Config, model: Flamingo) -> list[float]:
@@ -181,7 +185,7 @@ class FlamingoWithLoss(nn.Module):
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 labels: torch.Tensor, loss_weight: torch.Tensor) -> torch.Tensor:
         """Args: one micro-batch (module docstring). Returns: the scalar loss."""
-        dtype = self.model.perceiver.latents.dtype
+        dtype = next(self.model.perceiver.parameters()).dtype
         logits = self.model(images.to(dtype), input_ids, attention_mask)  # (B, T, V_local)
         return flamingo_loss(logits, labels, loss_weight, vocab_group=self.vocab_group,
                              vocab_start=self.vocab_start)
@@ -246,7 +250,7 @@ def build_engine(cfg: Config, model: Flamingo, groups: ProcessGroups, *, batch_s
     skip_shm_op_build()
     module = _build_module(cfg, model, groups)
     mpu = DeepSpeedMPU(groups) if dims.pp == 1 else None  # a PipelineModule carries its topology
-    optimizer = build_optimizer(cfg, module)
+    optimizer = build_optimizer(cfg, module, ds_config["zero_optimization"].get("stage", 0))
     engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer,
                                       lr_scheduler=lr_scheduler, config=ds_config, mpu=mpu)
     if isinstance(optimizer, SkipNonFiniteAdamW):  # a bf16 wrapper steps it per group, checking itself

@@ -55,10 +55,10 @@ class SkipNonFiniteAdamW(torch.optim.AdamW):
 
     def _any_rank_non_finite(self) -> bool:
         params = [p for g in self.param_groups for p in g["params"]]
-        grads = [p.grad for p in params if p.grad is not None]
+        finite = [torch.isfinite(p.grad).all() for p in params if p.grad is not None]
         bad = torch.zeros(1, device=params[0].device if params else None)  # NCCL reduces device tensors
-        if grads:
-            bad[0] = float(not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()))
+        if finite:
+            bad = (~torch.stack(finite).all()).float().reshape(1)
         if dist.is_initialized():
             dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=self.group)
         return bool(bad.item())

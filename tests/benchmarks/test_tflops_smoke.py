@@ -82,7 +82,7 @@ def test_openflamingo_baseline_beside_ours(tmp_path: Path) -> None:
     assert report["speedup_vs_baseline"] > 0 and "open_flamingo samples/s" in proc.stdout
 
 
-def test_without_arguments_a_default_sized_to_the_device():
+def test_without_arguments_a_default_sized_to_the_device(tmp_path: Path) -> None:
     bench = load_script()
     args = bench.parse_args([])
     assert args.config is None and args.baseline == "openflamingo"
@@ -93,7 +93,12 @@ def test_without_arguments_a_default_sized_to_the_device():
     assert (m.vocab_size, m.lm.vocab_size, m.media_token_id) == (32003, 32000, 32001)
     assert (mmc4.micro_batch_size, mmc4.seq_len, mmc4.max_num_media) == (2, 256, 5)
     assert count_flops(m, mmc4.seq_len, mmc4.max_num_media).true > 0
-    assert bench.synthetic_batch(cfg, 2, 256, 5, torch.device("cpu"))["images"].shape == (2, 5, 1, 3, 64, 64)
+    batch = bench.synthetic_batch(cfg, 2, 256, 5, torch.device("cpu"))
+    assert batch["images"].shape == (2, 5, 1, 3, 64, 64)
+    if importlib.util.find_spec("open_flamingo") is not None:  # the baseline builds at these shapes too
+        small, _, _ = bench.default_config(torch.device("cpu"), ["model.lm.num_layers=2"])
+        baseline = bench._sibling("openflamingo_baseline").OpenFlamingoTrainer(small, torch.device("cpu"), tmp_path)
+        assert baseline.forward({k: v[:1] for k, v in batch.items()}).isfinite()
 
 
 def test_released_configs_get_known_shapes_without_files():
