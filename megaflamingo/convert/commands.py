@@ -87,8 +87,26 @@ def resolve_step_dir(path: str | Path) -> Path:
     return found
 
 
+IGNORED_MODEL_KEYS = ("lm.hf_path", "tokenizer", "vision.weights", "openflamingo_checkpoint", "kernels.")
+"""Model config entries that may differ between training and export: where files live, which
+kernels run. Everything else shapes the weights."""
+
+
+def _leaves(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value and key not in ("open_clip_config", "rope_scaling"):
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return {k: v for k, v in out.items() if not k.startswith(IGNORED_MODEL_KEYS)}
+
+
 def check_checkpoint_config(step_dir: Path, cfg: Config, resolved_model) -> None:
-    """Refuse a checkpoint written for another model config (the run's `extra_rank0.pt` records it).
+    """Refuse a checkpoint written for another model (the run's `extra_rank0.pt` records its config).
+
+    Compared: every model config entry except `IGNORED_MODEL_KEYS`, against both the config as
+    loaded and as resolved (the run may have recorded either).
 
     Raises:
         ConfigError: naming the model keys that differ.
@@ -99,12 +117,13 @@ def check_checkpoint_config(step_dir: Path, cfg: Config, resolved_model) -> None
     saved = torch.load(extra, map_location="cpu", weights_only=False).get("model_config")
     if not isinstance(saved, dict):
         return
-    for mine in (to_dict(cfg.model), to_dict(resolved_model)):
+    saved = _leaves(saved)
+    for mine in (_leaves(to_dict(cfg.model)), _leaves(to_dict(resolved_model))):
         diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
         if not diff:
             return
     raise ConfigError(f"checkpoint {step_dir} was written for a different model config "
-                      f"(model.{', model.'.join(diff)} differ)")
+                      f"(model.{', model.'.join(diff[:4])} differ)")
 
 
 def load_training_checkpoint(model: torch.nn.Module, step_dir: Path) -> list[str]:
