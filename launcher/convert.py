@@ -5,6 +5,7 @@
     python launcher/convert.py to-openflamingo --config C.yaml [key=value ...] [--checkpoint DIR] --out checkpoint.pt
     python launcher/convert.py from-openflamingo --checkpoint checkpoint.pt --lm LM_DIR --vision ViT-L-14|V.yaml \\
         --tokenizer TOK_DIR --out DIR [--dtype fp32|bf16] [--lm-and-adapter]
+    python launcher/convert.py reshard RUN_DIR --tp N [--pp M] [--zero-stage Z] --out DIR
 
 `--checkpoint` takes a run directory (its newest complete checkpoint), its checkpoints/ folder or
 one step directory, of any layout (TP / PP / ZeRO shards are consolidated). Outputs are written
@@ -53,9 +54,19 @@ def add_from_openflamingo(sub) -> None:
     p.set_defaults(run="from_openflamingo")
 
 
-SUBCOMMANDS = (add_to_hf, add_to_openflamingo, add_from_openflamingo)
+def add_reshard(sub) -> None:
+    p = sub.add_parser("reshard", help="a run directory's newest checkpoint for another parallel layout")
+    p.add_argument("run_dir", help="training output directory (config.yaml, checkpoints/)")
+    p.add_argument("--tp", type=int, required=True)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--zero-stage", type=int, default=None, help="default: the run's")
+    p.add_argument("--out", required=True, help="the new run directory (must not exist)")
+    p.set_defaults(run="reshard", runners="megaflamingo.training.reshard")
+
+
+SUBCOMMANDS = (add_to_hf, add_to_openflamingo, add_from_openflamingo, add_reshard)
 """One function per subcommand: it declares the arguments and names its runner in
-megaflamingo.convert.commands."""
+megaflamingo.convert.commands (or in the module its `runners` default names)."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if rest:  # key=value overrides split by options (argparse takes one positional run only)
         args.overrides = [*args.overrides, *rest]
-    from megaflamingo.convert import commands
+    import importlib
+
+    commands = importlib.import_module(getattr(args, "runners", "megaflamingo.convert.commands"))
 
     try:
         return getattr(commands, args.run)(args)

@@ -63,6 +63,7 @@ class StreamSpec:
     max_num_media: int
     loss_weight: float
     options: Any = None
+    answer_only: bool = False
 
 
 class SampleSource:
@@ -73,7 +74,7 @@ class SampleSource:
         self.preprocess_fn = stream_kind(spec.name).preprocess
         self.context = PreprocessContext(TextEncoder(tokenizer, spec.seq_len),
                                          flamingo_token_ids(tokenizer), tokenizer.eos_token,
-                                         spec.max_num_media, spec.options)
+                                         spec.max_num_media, spec.options, spec.answer_only)
         self.transform = transform
 
     def preprocess(self, fields: dict, rng: random.Random, notes: Counter) -> Sample:
@@ -316,6 +317,27 @@ def micro_batches_per_step(stream: StreamConfig, name: str, dp_size: int) -> tup
     return micro, per_rank // micro
 
 
+def check_data_parallel(cfg: Config, dp_size: int) -> int:
+    """The data rules of a layout, checkable before any process group starts.
+
+    Every enabled stream's batch splits over `dp_size` (and its micro-batch size), the canonical
+    reader count divides every batch size, and `dp_size` divides it.
+
+    Returns:
+        The canonical reader count C (0 when no stream is enabled).
+    Raises:
+        ConfigError: a rule is broken (one line naming the keys).
+    """
+    sizes = global_batch_sizes(cfg)
+    if not sizes:
+        return 0
+    for name in sizes:
+        micro_batches_per_step(stream_config(cfg, name), name, dp_size)
+    count = canonical_count(cfg.data.canonical_readers, sizes)
+    rank_readers(count, 0, dp_size)
+    return count
+
+
 def build_stream_loader(cfg: Config, name: str, tokenizer, dp_rank: int, dp_size: int,
                         state: Optional[dict] = None,
                         transform: Optional[ImageTransform] = None) -> StreamLoader:
@@ -345,7 +367,8 @@ def build_stream_loader(cfg: Config, name: str, tokenizer, dp_rank: int, dp_size
                       resampled=stream.resampled, shuffle_block=stream.shuffle_buffer)
     spec = StreamSpec(name=name, plan=plan, chunk_size=stream.batch_size // count,
                       seq_len=stream.seq_len, max_num_media=stream.max_num_media,
-                      loss_weight=stream.loss_multiplier, options=stream_options(cfg, name))
+                      loss_weight=stream.loss_multiplier, options=stream_options(cfg, name),
+                      answer_only=stream.answer_only_loss)
     source = SampleSource(spec, tokenizer, transform or build_image_transform(cfg))
     return StreamLoader(source, readers, cfg.data.workers, micro, state)
 

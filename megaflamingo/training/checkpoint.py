@@ -10,6 +10,13 @@ Every rank writes into the staging directory; after a barrier rank 0 renames it 
 and rewrites `latest`. A process killed mid-save therefore leaves only a staging directory, and
 `latest` keeps pointing at the last good checkpoint. Assumes a filesystem shared by all nodes (as
 DeepSpeed's own checkpointing does).
+
+A checkpoint resumes on any layout (`restore_run_state`): `extra_rank<r>.pt` records the layout
+that wrote DeepSpeed's files and rank r's data position (one entry per canonical reader); on the
+same layout DeepSpeed loads its own files, on another the trainer loads `layout_free/` (weights
+and Adam moments under the plain model's names, training/layout_free.py) into its new engine and
+merges every rank's data position. A resumed run only reads the source checkpoint; a kill before
+its own next commit leaves `latest` on the source.
 """
 
 from __future__ import annotations
@@ -121,3 +128,45 @@ def load_trainable_weights(model, checkpoint_dir: str | Path) -> list[str]:
         for name in wanted:
             params[name].copy_(state[name])
     return wanted
+
+
+# ----------------------------------------------------------------------------- any layout
+
+
+def layout_of(zero_stage: int, dims) -> dict[str, int]:
+    """What a checkpoint's DeepSpeed files are bound to: {tp, pp, dp, zero_stage}."""
+    return {"tp": dims.tp, "pp": dims.pp, "dp": dims.dp, "zero_stage": zero_stage}
+
+
+def restore_run_state(engine, groups, zero_stage: int, path: Path) -> dict:
+    """Load checkpoint `path` into `engine` on this layout (collective: every rank calls it).
+
+    DeepSpeed's own files when the layout that wrote them is this one (bit-exact), else the
+    layout-free state, cut for this layout.
+
+    Args:
+        engine: the freshly built engine.
+        groups: this rank's process groups.
+        zero_stage: this run's ZeRO stage.
+        path: a complete checkpoint directory.
+    Returns:
+        {"loader": a data state this rank loads, "counters": ..., "rng": ...}.
+    Raises:
+        LayoutError: the layout changed and the checkpoint has no layout-free state (one line).
+    """
+    import torch
+
+    from megaflamingo.data.dealing import merge_states
+    from megaflamingo.training.layout_free import load_layout_free
+
+    now = layout_of(zero_stage, groups.dims)
+    first = torch.load(path / "extra_rank0.pt", weights_only=False)
+    own = path / f"extra_rank{groups.rank}.pt"
+    if first.get("layout", now) == now and own.is_file():  # no "layout": written before layouts moved
+        engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=False,
+                               load_optimizer_states=True, load_lr_scheduler_states=False)
+        return torch.load(own, weights_only=False)
+    load_layout_free(engine, groups, path)
+    extras = [torch.load(f, weights_only=False) for f in sorted(path.glob("extra_rank*.pt"))]
+    return {"loader": merge_states([e["loader"] for e in extras]), "counters": first["counters"],
+            "rng": first["rng"]}

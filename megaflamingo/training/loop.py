@@ -34,7 +34,9 @@ import torch.nn as nn
 from megaflamingo.config import Config, ConfigError, ModelConfig, to_dict
 from megaflamingo.parallel.topology import ProcessGroups, build_groups
 from megaflamingo.resolve import resolve_config
-from megaflamingo.training.checkpoint import commit_checkpoint, latest_checkpoint, staging_name
+from megaflamingo.training.checkpoint import (commit_checkpoint, latest_checkpoint, layout_of,
+                                              restore_run_state, staging_name)
+from megaflamingo.training.layout_free import save_layout_free
 from megaflamingo.training.metrics import MetricsLogger
 from megaflamingo.training.run_state import Counters, Preemption, TrainingAborted, hold_for_test
 from megaflamingo.training.schedule import lr_multiplier
@@ -171,17 +173,16 @@ class Trainer:
             return False
         if not path.is_dir():
             raise ConfigError(f"checkpoint.resume: not a checkpoint directory: {path}")
-        extra = torch.load(path / f"extra_rank{self.groups.rank}.pt", weights_only=False)
+        extra = torch.load(path / "extra_rank0.pt", weights_only=False)  # every layout has a rank 0
         saved, now = extra["model_config"], to_dict(self.cfg.model)
         if saved != now:
             diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
             raise ConfigError(f"checkpoint {path} was written for a different model config "
                               f"(model.{', model.'.join(diff)} differ)")
-        self.engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=False,
-                                    load_optimizer_states=True, load_lr_scheduler_states=False)
-        self.loader.load_state_dict(extra["loader"])
-        self.counters = Counters(**extra["counters"])
-        _set_rng_state(extra["rng"])
+        state = restore_run_state(self.engine, self.groups, self.cfg.parallel.zero_stage, path)
+        self.loader.load_state_dict(state["loader"])  # on another layout: every rank's, merged
+        self.counters = Counters(**state["counters"])
+        _set_rng_state(state["rng"])
         return True
 
     def save(self) -> None:
@@ -190,8 +191,10 @@ class Trainer:
         tag = staging_name(step)
         self.engine.save_checkpoint(str(self.ckpt_root), tag=tag, save_latest=False,
                                     exclude_frozen_parameters=True)
+        save_layout_free(self.engine, self.groups, self.ckpt_root / tag)  # resumable on any layout
         extra = {"loader": self.loader.state_dict(), "counters": asdict(self.counters),
-                 "rng": _rng_state(), "model_config": to_dict(self.cfg.model)}
+                 "rng": _rng_state(), "model_config": to_dict(self.cfg.model),
+                 "layout": layout_of(self.cfg.parallel.zero_stage, self.groups.dims)}
         torch.save(extra, self.ckpt_root / tag / f"extra_rank{self.groups.rank}.pt")
         dist.barrier()
         if self.groups.rank == 0:
