@@ -25,7 +25,8 @@ from typing import Any, Callable, Optional
 
 from megaflamingo.config import Config, ConfigError, StreamConfig
 from megaflamingo.data.batching import Sample, TextEncoder
-from megaflamingo.data.laion import preprocess_laion
+from megaflamingo.data.easyvqa import answer_only_labels
+from megaflamingo.data.laion import laion_text, preprocess_laion, read_caption
 from megaflamingo.data.mmc4 import preprocess_mmc4
 from megaflamingo.data.tokenizer import FlamingoTokens
 
@@ -41,6 +42,8 @@ class PreprocessContext:
     max_num_media: int
     options: Any = None
     """The kind's options section (e.g. `MMC4Options`), or None."""
+    answer_only: bool = False
+    """`data.<stream>.answer_only_loss`: VQA-format pairs take the loss on the answer only."""
 
 
 Preprocess = Callable[[dict, PreprocessContext, random.Random, Counter], Sample]
@@ -60,7 +63,11 @@ class StreamKind:
 
 
 def _laion(fields: dict, ctx: PreprocessContext, rng: random.Random, notes: Counter) -> Sample:
-    return preprocess_laion(fields, ctx.encoder, ctx.tokens, ctx.eos_token, rng)
+    sample = preprocess_laion(fields, ctx.encoder, ctx.tokens, ctx.eos_token, rng)
+    if ctx.answer_only:
+        text = laion_text(read_caption(fields), ctx.eos_token)
+        sample.labels = answer_only_labels(sample.labels, text, ctx.encoder)
+    return sample
 
 
 def _mmc4(fields: dict, ctx: PreprocessContext, rng: random.Random, notes: Counter) -> Sample:

@@ -38,6 +38,7 @@ from megaflamingo.training.checkpoint import (commit_checkpoint, latest_checkpoi
                                               restore_run_state, staging_name)
 from megaflamingo.training.layout_free import save_layout_free
 from megaflamingo.training.metrics import MetricsLogger
+from megaflamingo.training.probe import build_probe, gate_metrics
 from megaflamingo.training.run_state import Counters, Preemption, TrainingAborted, hold_for_test
 from megaflamingo.training.schedule import lr_multiplier
 
@@ -151,6 +152,7 @@ class Trainer:
         self.ckpt_root = Path(cfg.train.output_dir) / "checkpoints"
         self.tokenizer, _ = load_tokenizer(cfg.model.tokenizer)
         self.loader = build_train_loader(cfg, self.tokenizer, groups.dp_rank, groups.dims.dp)
+        self.probe = build_probe(cfg, self.tokenizer)  # None unless train.probe_every/probe_data
         self.order = list(self.loader.order)  # the stream of each micro-batch of a step
         self.per_step = dict(self.loader.per_step)  # micro-batches per step of each stream
         self.weight_scale = {name: len(self.order) / k for name, k in self.per_step.items()}
@@ -249,6 +251,8 @@ class Trainer:
             c.step += 1
             c.samples += int(stats[0])
             self._count(metrics.pop("applied"))
+            if self.probe is not None and c.step % cfg.train.probe_every == 0:  # every rank (ZeRO-3/TP)
+                metrics.update(self.probe(self.engine.module.model))
             elapsed, tick = time.perf_counter() - tick, time.perf_counter()
             self._report(metrics, stats, elapsed)
             hold_for_test(c.step, self.groups.rank, self.preemption)
@@ -272,7 +276,7 @@ class Trainer:
     def _log(self, metrics: dict, stats: torch.Tensor, elapsed: float) -> None:
         samples, tokens, images = (float(x) for x in stats)
         norm = self.engine.get_global_grad_norm()
-        record = {**metrics, "grad_norm": float(norm) if norm is not None else None,
+        record = {**metrics, **gate_metrics(self.engine.module), "grad_norm": float(norm) if norm is not None else None,
                   "samples_per_s": samples / elapsed, "tokens_per_s": tokens / elapsed,
                   "images_per_s": images / elapsed, "step_time_s": elapsed,
                   "skipped_steps": self.counters.skipped_steps, "skipped_samples": self.loader.skipped()}

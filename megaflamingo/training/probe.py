@@ -1,7 +1,7 @@
 """Training diagnostics: is the model using the image? (`train.probe_*`, logged by the loop)
 
     gate_metrics(model)            -> {"gates/attn_<i>": tanh, "gates/ff_<i>": tanh}   every step
-    AnswerLossProbe(cfg, tokenizer, transform)(model)
+    AnswerLossProbe(path, limit, tokenizer, transform)(model)   (build_probe(cfg, tokenizer))
                                    -> {"probe/answer_loss_real", "probe/answer_loss_blank",
                                        "probe/answer_loss_gap"}                          every K steps
 
@@ -18,12 +18,14 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+from megaflamingo.config import ConfigError
 from megaflamingo.data.easyvqa import ANSWER_MARK
 
 
@@ -36,7 +38,7 @@ def gate_metrics(model: nn.Module) -> dict[str, float]:
     out: dict[str, float] = {}
     for name, param in model.named_parameters():
         parts = name.split(".")
-        if parts[-1] in ("attn_gate", "ff_gate") and "xattn" in parts:
+        if parts[-1] in ("attn_gate", "ff_gate") and "xattn" in parts and param.numel():  # ZeRO-3: empty
             layer = parts[parts.index("xattn") + 1]
             out[f"gates/{parts[-1].removesuffix('_gate')}_{layer}"] = math.tanh(float(param.detach().float().sum()))
     return out
@@ -96,3 +98,22 @@ class AnswerLossProbe:
         finally:
             model.train(was_training)
         return {"probe/answer_loss_real": real, "probe/answer_loss_blank": blank, "probe/answer_loss_gap": blank - real}
+
+
+def build_probe(cfg, tokenizer) -> Optional[AnswerLossProbe]:
+    """The run's answer-loss probe, or None when `train.probe_every`/`probe_data` leave it off.
+
+    Args:
+        cfg: the run config (`train.probe_*`, and the image transform's settings).
+        tokenizer: the run's tokenizer.
+    Raises:
+        ConfigError: the probe is asked for on a pipeline layout (no single module runs the model).
+    """
+    if not (cfg.train.probe_every and cfg.train.probe_data):
+        return None
+    if cfg.parallel.pp > 1:
+        raise ConfigError("train.probe_every: the answer-loss probe needs parallel.pp=1")
+    from megaflamingo.data.images import build_image_transform
+
+    return AnswerLossProbe(cfg.train.probe_data, cfg.train.probe_limit, tokenizer, build_image_transform(cfg))
+
