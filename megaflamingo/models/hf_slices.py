@@ -83,7 +83,7 @@ class SliceReader:
     def read(self, name: str, rows: Span | None = None, cols: Span | None = None) -> torch.Tensor:
         """Rows [r0, r1) and columns [c0, c1) (None: all) of checkpoint tensor `name`, one read.
 
-        The file is opened for this read only, so no mapping of it outlives the copy.
+        The file is opened for this read only and the slice copied out of its mapping.
         """
         with self._open(self._file(name)) as handle:
             part = handle.get_slice(name)
@@ -91,6 +91,9 @@ class SliceReader:
             spans = tuple(s for s in (rows or (0, full[0]), cols) if s is not None) if full else ()
             index = tuple(slice(a, b) for a, b in spans)
             tensor = part[index] if index else part[:]
+            # safetensors may hand back a view of its file mapping: copy, so the rank's weights
+            # live in its own memory and no mapping outlives this read
+            tensor = tensor.clone()
         self.reads.append((name, spans))
         return tensor
 

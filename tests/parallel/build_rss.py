@@ -3,8 +3,8 @@
     python -m tests.parallel.build_rss --lm DIR --tp 2 --pp 1 --rank 0 [--full]
 
 Prints one JSON line: {"peak_bytes": VmHWM after the build minus VmRSS before it, "params": ...}.
-The peak is reset just before the build (`/proc/self/clear_refs` "5"), after every import, so it
-measures the build alone. The rank's place comes from a fake process group (no peers needed:
+The peak is reset just before the build (`/proc/self/clear_refs` "5"), after every import and a
+`malloc_trim` (so freed import memory cannot be reused unseen), so it measures the build alone. The rank's place comes from a fake process group (no peers needed:
 every collective is a no-op, which the memory of a build does not depend on). `--full` builds the
 way training did before rank-local building: the whole fp32 model, then the TP plan applied.
 """
@@ -12,6 +12,7 @@ way training did before rank-local building: the whole fp32 model, then the TP p
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import re
 from pathlib import Path
@@ -44,6 +45,7 @@ def main() -> None:
     dist.init_process_group("fake", store=FakeStore(), rank=args.rank, world_size=dims.world_size)
     groups = build_groups(dims)
     cfg = lm_model_config(args.lm)
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed import memory back to the OS: not reusable
     before = _status("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")
     if args.full:
@@ -56,7 +58,9 @@ def main() -> None:
         parts = stage_parts(cfg, args.pp) if args.pp > 1 else None
         model, _ = build_rank_model(cfg, groups, parts)
     held = sum(p.numel() for p in model.parameters() if p.device.type != "meta")
-    print(json.dumps({"peak_bytes": _status("VmHWM") - before, "params": held}))
+    print(json.dumps({"peak_bytes": _status("VmHWM") - before, "before_bytes": before, "params": held,
+                      "bytes": sum(p.numel() * p.element_size() for p in model.parameters()
+                                   if p.device.type != "meta")}))
     dist.destroy_process_group()
 
 
