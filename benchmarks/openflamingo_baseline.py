@@ -40,6 +40,7 @@ def _hf_lm_config(lm: LMConfig):
         return LlamaConfig(hidden_size=D, intermediate_size=F_, num_hidden_layers=lm.num_layers,
                            num_attention_heads=lm.num_heads, num_key_value_heads=lm.num_kv_heads or lm.num_heads,
                            head_dim=lm.head_dim or D // lm.num_heads, hidden_act=lm.hidden_act,
+                           rms_norm_eps=lm.norm_eps, rope_theta=lm.rope_theta,
                            attention_bias=lm.attention_bias, mlp_bias=lm.mlp_bias,
                            max_position_embeddings=lm.max_position_embeddings, **common)
     return GPTNeoXConfig(hidden_size=D, intermediate_size=F_, num_hidden_layers=lm.num_layers,
@@ -154,3 +155,30 @@ class OpenFlamingoTrainer:
             torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+
+
+def copy_reference_weights(ours: torch.nn.Module, ref: torch.nn.Module) -> None:
+    """Give megaflamingo's model every weight of the open_flamingo model (identical weights).
+
+    The vision tower from `ref.vision_encoder`, the LM's decoder layers from the Hugging Face
+    state of `ref.lang_encoder` (OpenFlamingo's `decoder_layer` wrappers unwrapped), and the
+    Perceiver, cross-attention, embedding and head through the OpenFlamingo importer. The
+    reference is switched to the released models' pre-`ln_post` vision tokens, as ours uses.
+
+    Args:
+        ours: a megaflamingo Flamingo of the same shapes.
+        ref: the open_flamingo model (`OpenFlamingoTrainer.model`).
+    Raises:
+        ValueError: a tensor has no counterpart or a different shape.
+    """
+    from megaflamingo.convert.openflamingo import import_openflamingo_state_dict
+    from megaflamingo.models.hf_weights import hf_to_ours
+
+    ref.vision_encoder.final_ln_after_pool = True
+    ours.vision.visual.load_state_dict(ref.vision_encoder.state_dict())
+    lm_state = {k.replace(".decoder_layer.", "."): v for k, v in ref.lang_encoder.state_dict().items()
+                if "gated_cross_attn_layer" not in k and not k.startswith("old_decoder_blocks.")}
+    missing, unexpected = ours.lm.load_state_dict(hf_to_ours(lm_state, ours.lm.cfg), strict=False)
+    if unexpected or any(not k.startswith("embed_tokens.") for k in missing):
+        raise ValueError(f"LM weights do not match: missing {missing}, unexpected {unexpected}")
+    import_openflamingo_state_dict(ours, ref.state_dict())

@@ -67,17 +67,17 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, added, targets, scale, added_ids, group, vocab_start,
-                chunk_tokens, ignore_index, impl):  # noqa: D102 (see the class docstring)
-        want = ctx.needs_input_grad
+                chunk_tokens, ignore_index, impl, grad_enabled):  # noqa: D102 (see the class docstring)
+        want = [grad_enabled and w for w in ctx.needs_input_grad[:3]]  # no gradient work under no_grad
         loss, grads = _forward(hidden, weight, added, targets, scale, added_ids, group, vocab_start,
-                               chunk_tokens, ignore_index, _steps(impl), want[0], want[1], want[2])
+                               chunk_tokens, ignore_index, _steps(impl), *want)
         ctx.save_for_backward(*grads)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):  # noqa: D102
         dh, dw, da = (None if g.numel() == 0 else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors)
-        return dh, dw, da, None, None, None, None, None, None, None, None
+        return dh, dw, da, None, None, None, None, None, None, None, None, None
 
 
 def _added_columns(added_ids: torch.Tensor | None, vocab_start: int, vocab_local: int):
@@ -108,9 +108,9 @@ def _forward(hidden, weight, added, targets, scale, added_ids, group, vocab_star
         if cols is not None and cols.numel():
             z[:, cols] = (h @ added[mine].t()).float()
         peak = _all_reduce(steps.row_peak(z), group, dist.ReduceOp.MAX)
-        sumexp, zt = _all_reduce(steps.row_sumexp_target(z, peak, t), group)
+        sumexp, zt = _all_reduce(steps.exp_shifted_(z, peak, t), group)  # z <- exp(z - peak)
         loss += (s * (sumexp.log() - zt)).sum()
-        g = steps.logits_to_grad_(z, peak, sumexp, t, s)  # dL/dz, (C, V_local) fp32
+        g = steps.exp_to_grad_(z, sumexp, t, s)  # dL/dz, (C, V_local) fp32
         g_added = g[:, cols] if cols is not None and cols.numel() else None
         if g_added is not None:
             g[:, cols] = 0.0  # those columns come from `added`, not from the base rows
@@ -181,4 +181,5 @@ def linear_cross_entropy(
             raise RuntimeError("impl='triton' on CPU tensors runs only in the Triton interpreter: set "
                                "TRITON_INTERPRET=1 before triton is first imported (or use impl='reference')")
     return LinearCrossEntropyFunction.apply(hidden, weight, added, targets, scale, added_ids, group,
-                                            vocab_start, chunk_tokens, ignore_index, impl)
+                                            vocab_start, chunk_tokens, ignore_index, impl,
+                                            torch.is_grad_enabled())

@@ -6,9 +6,11 @@ calls these between the all-reduces of the statistics.
 
 One program per token row walks its V_local logits in blocks of BLOCK_V:
 - `_peak_kernel`: the row maximum;
-- `_sumexp_kernel`: sum of exp(z - peak) (base-2 exponent) and the shifted target logit;
+- `_exp_kernel`: overwrites the row with exp(z - peak) (base-2 exponent), sums it, and reads the
+  shifted target logit;
 - `_grad_kernel`: overwrites the row with scale * (exp(z - peak) / sumexp - onehot(target)).
-The chunk is read three times and written once; the (C, V_local) buffer is the only large tensor.
+The chunk is read three times and written twice, in place: the (C, V_local) buffer is the only
+large tensor.
 
 Interpreter (TRITON_INTERPRET=1, CPU tensors): no dots here and no libdevice, so the kernels run
 as they are; keep shapes tiny (the interpreter is ~4000x slower than eager torch).
@@ -42,33 +44,34 @@ def _peak_kernel(Z, PEAK, stride_z, V, BLOCK_V: tl.constexpr):
 
 
 @triton.jit
-def _sumexp_kernel(Z, PEAK, TGT, OUT, stride_z, C, V, BLOCK_V: tl.constexpr):
+def _exp_kernel(Z, PEAK, TGT, OUT, stride_z, C, V, BLOCK_V: tl.constexpr):
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK_V)
     peak = tl.load(PEAK + row)
     tgt = tl.load(TGT + row)
+    shifted_t = tl.load(Z + row * stride_z + tl.maximum(tgt, 0)) - peak  # read before the overwrite
     acc = tl.zeros([BLOCK_V], tl.float32)
     for v0 in range(0, V, BLOCK_V):
-        z = tl.load(Z + row * stride_z + v0 + offs, mask=v0 + offs < V, other=_NEG_INF)
-        acc += tl.exp2((z - peak) * 1.4426950408889634)
-    shifted_t = tl.load(Z + row * stride_z + tl.maximum(tgt, 0)) - peak
+        ok = v0 + offs < V
+        z = tl.load(Z + row * stride_z + v0 + offs, mask=ok, other=_NEG_INF)
+        e = tl.exp2((z - peak) * 1.4426950408889634)
+        acc += e
+        tl.store(Z + row * stride_z + v0 + offs, e, mask=ok)
     tl.store(OUT + row, tl.sum(acc, axis=0))
     tl.store(OUT + C + row, tl.where(tgt >= 0, shifted_t, 0.0))
 
 
 @triton.jit
-def _grad_kernel(Z, PEAK, SUMEXP, TGT, SCALE, stride_z, V, BLOCK_V: tl.constexpr):
+def _grad_kernel(Z, SUMEXP, TGT, SCALE, stride_z, V, BLOCK_V: tl.constexpr):
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK_V)
-    peak = tl.load(PEAK + row)
     tgt = tl.load(TGT + row)
-    factor = tl.load(SCALE + row) / tl.load(SUMEXP + row)
     scale = tl.load(SCALE + row)
+    factor = scale / tl.load(SUMEXP + row)
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + offs
         ok = cols < V
-        z = tl.load(Z + row * stride_z + cols, mask=ok, other=0.0)
-        g = tl.exp2((z - peak) * 1.4426950408889634) * factor
+        g = tl.load(Z + row * stride_z + cols, mask=ok, other=0.0) * factor
         g = tl.where(cols == tgt, g - scale, g)
         tl.store(Z + row * stride_z + cols, g, mask=ok)
 
@@ -92,26 +95,26 @@ def row_peak(logits: torch.Tensor) -> torch.Tensor:
     return peak
 
 
-def row_sumexp_target(logits: torch.Tensor, peak: torch.Tensor, local_target: torch.Tensor) -> torch.Tensor:
-    """Step 2 (see reference.row_sumexp_target). Returns: (2, C) fp32 sumexp, shifted target logit."""
+def exp_shifted_(logits: torch.Tensor, peak: torch.Tensor, local_target: torch.Tensor) -> torch.Tensor:
+    """Step 2, in place (see reference.exp_shifted_). Returns: (2, C) fp32 sumexp, shifted target logit."""
     _check(logits)
     C, V = logits.shape
     out = torch.empty((2, C), dtype=torch.float32, device=logits.device)
     if C:
-        _sumexp_kernel[(C,)](logits, peak.contiguous(), local_target.contiguous(), out, logits.stride(0), C, V,
-                             BLOCK_V=_block_v(V))
+        _exp_kernel[(C,)](logits, peak.contiguous(), local_target.contiguous(), out, logits.stride(0), C, V,
+                          BLOCK_V=_block_v(V))
     return out
 
 
-def logits_to_grad_(logits: torch.Tensor, peak: torch.Tensor, sumexp: torch.Tensor,
-                    local_target: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Step 3, in place (see reference.logits_to_grad_). Returns: `logits`, now dL/dlogits."""
-    _check(logits)
-    C, V = logits.shape
+def exp_to_grad_(exp_shifted: torch.Tensor, sumexp: torch.Tensor, local_target: torch.Tensor,
+                 scale: torch.Tensor) -> torch.Tensor:
+    """Step 3, in place (see reference.exp_to_grad_). Returns: `exp_shifted`, now dL/dlogits."""
+    _check(exp_shifted)
+    C, V = exp_shifted.shape
     if C:
-        _grad_kernel[(C,)](logits, peak.contiguous(), sumexp.contiguous(), local_target.contiguous(),
-                           scale.float().contiguous(), logits.stride(0), V, BLOCK_V=_block_v(V))
-    return logits
+        _grad_kernel[(C,)](exp_shifted, sumexp.contiguous(), local_target.contiguous(), scale.float().contiguous(),
+                           exp_shifted.stride(0), V, BLOCK_V=_block_v(V))
+    return exp_shifted
 
 
 def compile_for_gpu(arch: int = 90, block_v: int = 4096) -> dict[str, int]:
@@ -134,7 +137,7 @@ def compile_for_gpu(arch: int = 90, block_v: int = 4096) -> dict[str, int]:
 
     pointers = {"Z": "*fp32", "PEAK": "*fp32", "OUT": "*fp32", "SUMEXP": "*fp32", "SCALE": "*fp32", "TGT": "*i64"}
     shared = {}
-    for fn in (_peak_kernel, _sumexp_kernel, _grad_kernel):
+    for fn in (_peak_kernel, _exp_kernel, _grad_kernel):
         signature = {name: "constexpr" if name == "BLOCK_V" else pointers.get(name, "i32") for name in fn.arg_names}
         compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs={"BLOCK_V": block_v}),
                                   target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})

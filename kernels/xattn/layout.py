@@ -95,13 +95,24 @@ class ChunkPlan:
     any_no_image: bool
     any_over: bool
 
-    def over_sum_matrix(self, dtype: torch.dtype) -> torch.Tensor:
-        """(B * M, R_o) sparse CSR 0/1 matrix: row i sums the overflow chunks of image i."""
-        crow = torch.zeros(self.num_images + 1, dtype=torch.long, device=self.over_count.device)
-        crow[1:] = self.over_count.cumsum(0)
-        col = torch.arange(self.num_over, device=crow.device)
-        ones = torch.ones(self.num_over, dtype=dtype, device=crow.device)
-        return torch.sparse_csr_tensor(crow, col, ones, size=(self.num_images, self.num_over))
+    @property
+    def chunk_image(self) -> torch.Tensor:
+        """(B * M + R_o,) long: the image of every chunk, main chunks first."""
+        return torch.cat([torch.arange(self.num_images, device=self.over_image.device), self.over_image])
+
+    def image_sum_matrix(self, dtype: torch.dtype) -> torch.Tensor:
+        """(B * M, B * M + R_o) sparse CSR 0/1 matrix: row i sums image i's main and overflow chunks."""
+        dev, I = self.over_count.device, self.num_images
+        counts = self.over_count + 1
+        crow = torch.zeros(I + 1, dtype=torch.long, device=dev)
+        crow[1:] = counts.cumsum(0)
+        col = torch.empty(I + self.num_over, dtype=torch.long, device=dev)
+        col[crow[:-1]] = torch.arange(I, device=dev)  # the main chunk, then the overflow chunks
+        over_pos = torch.ones(I + self.num_over, dtype=torch.bool, device=dev)
+        over_pos[crow[:-1]] = False
+        col[over_pos] = I + torch.arange(self.num_over, device=dev)  # sorted by image, as the chunks
+        ones = torch.ones(I + self.num_over, dtype=dtype, device=dev)
+        return torch.sparse_csr_tensor(crow, col, ones, size=(I, I + self.num_over))
 
 
 def chunk_plan(text_time: torch.Tensor, num_media: int, chunk: int | None = None) -> ChunkPlan:

@@ -69,24 +69,24 @@ class _SlotsToTokens(torch.autograd.Function):
         return grad.masked_fill(~plan.real_slot.view(-1, *[1] * (grad.dim() - 1)), 0.0), None
 
 
-class _ImagesToOverflow(torch.autograd.Function):
-    """rows[r] = images[plan.over_image[r]]; backward sums each image's overflow chunks (sorted by
-    image) with a sparse CSR (B * M, R_o) 0/1 matrix product: index_add_ is 20-100x slower on CPU.
-    """
+class _ImagesToChunks(torch.autograd.Function):
+    """rows[r] = images[plan.chunk_image[r]] (main chunks, then overflow chunks); backward sums each
+    image's chunks with one sparse CSR (B * M, B * M + R_o) 0/1 matrix product (index_add_ is
+    20-100x slower on CPU, and one product writes each image's gradient once)."""
 
     @staticmethod
     def forward(ctx, images: torch.Tensor, plan: ChunkPlan) -> torch.Tensor:  # noqa: D102
         ctx.plan = plan
-        return images.index_select(0, plan.over_image)
+        return images.index_select(0, plan.chunk_image)
 
     @staticmethod
     def backward(ctx, grad_rows: torch.Tensor):  # noqa: D102
         plan = ctx.plan
-        flat = grad_rows.reshape(plan.num_over, -1)
+        flat = grad_rows.reshape(grad_rows.shape[0], -1)
         work = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
         with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
             warnings.simplefilter("ignore", UserWarning)
-            summed = plan.over_sum_matrix(work.dtype) @ work  # (B * M, D)
+            summed = plan.image_sum_matrix(work.dtype) @ work  # (B * M, D)
         return summed.to(grad_rows.dtype).view(plan.num_images, *grad_rows.shape[1:]), None
 
 
@@ -114,17 +114,14 @@ def media_attention_gather(
     plan = plan if plan is not None else chunk_plan(text_time, M)
     C, I, R_o = plan.chunk, B * M, plan.num_over
     if I:
-        q_slots = _TokensToSlots.apply(q.transpose(1, 2).reshape(B * T, H, K), plan)  # (S, H, K)
-        k_img, v_img = k.reshape(I, H, N, K), v.reshape(I, H, N, K)
-        q_main = q_slots[:I * C].view(I, C, H, K).transpose(1, 2)  # (B * M, H, C, K)
-        outs = [F.scaled_dot_product_attention(q_main, k_img, v_img).transpose(1, 2).reshape(I * C, H, K)]
-        if R_o:  # runs longer than C: overflow chunks with their image's keys gathered
-            q_over = q_slots[I * C:].view(R_o, C, H, K).transpose(1, 2)  # (R_o, H, C, K)
-            k_over = _ImagesToOverflow.apply(k_img, plan)  # (R_o, H, N, K)
-            v_over = _ImagesToOverflow.apply(v_img, plan)
-            outs.append(F.scaled_dot_product_attention(q_over, k_over, v_over).transpose(1, 2).reshape(R_o * C, H, K))
-        out_slots = outs[0] if len(outs) == 1 else torch.cat(outs)
-        out = _SlotsToTokens.apply(out_slots, plan).view(B, T, H, K)
+        R = I + R_o  # chunks: one main chunk per image, then the overflow chunks
+        q_slots = _TokensToSlots.apply(q.transpose(1, 2).reshape(B * T, H, K), plan)  # (R * C, H, K)
+        q_c = q_slots.view(R, C, H, K).transpose(1, 2)  # (R, H, C, K)
+        k_c, v_c = k.reshape(I, H, N, K), v.reshape(I, H, N, K)  # main chunk i reads image i in place
+        if R_o:  # runs longer than C: the overflow chunks need their image's keys gathered
+            k_c, v_c = _ImagesToChunks.apply(k_c, plan), _ImagesToChunks.apply(v_c, plan)  # (R, H, N, K)
+        out_c = F.scaled_dot_product_attention(q_c, k_c, v_c)  # (R, H, C, K)
+        out = _SlotsToTokens.apply(out_c.transpose(1, 2).reshape(R * C, H, K), plan).view(B, T, H, K)
     else:
         out = q.new_zeros(B, T, H, K)
     if plan.any_no_image and I:

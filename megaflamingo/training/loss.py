@@ -144,3 +144,31 @@ def head_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
     return fused_flamingo_loss(head.norm(hidden), proj.weight, labels, loss_weight, vocab_group, vocab_start,
                                added=added, added_ids=proj.trainable_ids if added is not None else None,
                                chunk_tokens=chunk_tokens, impl=impl)
+
+
+class FusedHeadLoss:
+    """The pipeline's loss through the fused path: called on the final-norm output of the last stage.
+
+    `loss(hidden, labels, loss_weight, vocab_group=, vocab_start=)`, the signature of
+    `flamingo_loss` with the normed hidden states (B, T, D) in place of the logits; the head's
+    weight and added rows are read from `head` (the same parameters the last stage holds).
+    `takes_hidden` tells the pipeline builder to end the last stage at the final norm.
+
+    Args:
+        head: the LM's LMHead (after tensor parallelism was applied).
+        impl: "auto", "triton" or "reference".
+    """
+
+    takes_hidden = True
+    __name__ = "fused_flamingo_loss"
+
+    def __init__(self, head: nn.Module, impl: str = "auto") -> None:
+        self.head, self.impl = head, impl
+
+    def __call__(self, hidden: torch.Tensor, labels: torch.Tensor, loss_weight: torch.Tensor | None = None,
+                 vocab_group=None, vocab_start: int = 0) -> torch.Tensor:
+        proj = self.head.projection
+        added = getattr(proj, "added", None) if self.head.tied else None
+        return fused_flamingo_loss(hidden, proj.weight, labels, loss_weight, vocab_group, vocab_start,
+                                   added=added, added_ids=proj.trainable_ids if added is not None else None,
+                                   impl=self.impl)

@@ -90,6 +90,16 @@ def test_head_loss_and_no_loss_weight():
         torch.testing.assert_close(g, ref, **TOL)
 
 
+def test_no_grad_computes_the_loss_only():
+    proj, hidden, labels, loss_weight = make_case(tied=True, weight_trainable=True)
+    with torch.no_grad():
+        plain = flamingo_loss(proj.attend(hidden), labels, loss_weight)
+        fused = fused_flamingo_loss(hidden, proj.weight, labels, loss_weight, added=proj.added,
+                                    added_ids=proj.trainable_ids)
+    torch.testing.assert_close(fused, plain, **TOL)
+    assert fused.grad_fn is None
+
+
 class _LargestTensor(TorchDispatchMode):
     """Records the most elements of any tensor an op creates."""
 

@@ -1,0 +1,269 @@
+"""One training step of megaflamingo against open_flamingo's: time and peak RSS, same weights, same batch.
+
+    python benchmarks/step.py                      # CPU, the OpenFlamingo-shaped model below
+    python benchmarks/step.py --repeats 9 --json benchmarks/results/step_cpu.json
+    python benchmarks/step.py --loss plain         # megaflamingo with the full-logits loss
+
+Shapes: B batch, T text tokens, M images per sample, V vocabulary rows.
+
+The model (OpenFlamingo-shaped, random weights): a LLaMA-like LM (d = 512, 8 layers, 8 heads,
+MLP 1376, V = 32,000 with `<|endofchunk|>`, `<image>`, `<PAD>` as the last three ids, untied head),
+cross-attention every 2 layers (OpenFlamingo's 8 x 64 heads, ff x4), a small ViT (96 px, patch 16,
+width 384, 6 layers) and OpenFlamingo's Perceiver (6 layers, 64 latents). One MMC4-shaped
+micro-batch: B = 2, T = 256, M = 5 images per sample at irregular positions, `<image>` labels
+masked; both samples have the same number of targets, so OpenFlamingo's token mean over the batch
+and megaflamingo's per-sample mean are the same loss.
+
+Timing: open_flamingo's model is built by its own factory (`openflamingo_baseline.py`) and trained
+its way (AdamW on its trainable set: Perceiver, cross-attention, the whole input embedding with
+the gradient rows of the two new tokens kept); megaflamingo's model gets the very same weights
+(`copy_reference_weights`) and trains with its own step: forward to the final hidden states, the
+fused linear + cross-entropy loss (`training.loss.head_loss`; `--loss plain`: full logits and
+`flamingo_loss`), backward, gradient clipping, AdamW on its trainable set. Both run in this process,
+taking turns in every repeat (a loaded machine slows both alike); the first losses (identical
+weights) are printed side by side and must agree. Reported: median step seconds and the ratio.
+
+Memory: each side trains alone in a fresh child process (same imports in both) for the warmup and
+two steps; reported: that process's peak RSS (VmHWM) after the imports, after building, at the
+end, and the ratio of the end values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from megaflamingo.config import Config, config_from_dict  # noqa: E402
+
+B, T, M = 2, 256, 5
+MODEL = {
+    "vision": {"open_clip_config": {
+        "embed_dim": 256,
+        "vision_cfg": {"image_size": 96, "patch_size": 16, "width": 384, "layers": 6, "head_width": 64,
+                       "mlp_ratio": 4.0},
+        "text_cfg": {"context_length": 16, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1}}},
+    "lm": {"family": "llama", "vocab_size": 32000, "hidden_size": 512, "num_layers": 8, "num_heads": 8,
+           "intermediate_size": 1376, "tie_word_embeddings": False},
+    "cross_attn_every_n_layers": 2, "vocab_size": 32000,
+    "eoc_token_id": 31997, "media_token_id": 31998, "pad_token_id": 31999,
+}
+# <image> positions per sample (irregular; the first at t = 0 as in MMC4 documents)
+IMAGE_POSITIONS = ([0, 31, 44, 150, 201], [0, 90, 101, 112, 240])
+
+
+def bench_config() -> Config:
+    """The benchmark's config (model above, default optimizer: AdamW lr 1e-4, wd 0.1, clip 1.0)."""
+    return config_from_dict({"model": MODEL})
+
+
+def mmc4_batch(cfg: Config, seed: int = 0) -> dict[str, torch.Tensor]:
+    """One micro-batch: random text ids, `<image>` at IMAGE_POSITIONS, `<|endofchunk|>` before each
+    later image, labels = ids with `<image>` masked (-100); every sample has T - 1 - (M - 1) targets."""
+    m = cfg.model
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, m.eoc_token_id, (B, T), generator=gen)
+    for b, starts in enumerate(IMAGE_POSITIONS):
+        ids[b, starts] = m.media_token_id
+        ids[b, [s - 1 for s in starts[1:]]] = m.eoc_token_id
+    labels = ids.masked_fill(ids == m.media_token_id, -100)
+    side = m.vision.open_clip_config["vision_cfg"]["image_size"]
+    images = torch.randn(B, M, 1, 3, side, side, generator=gen)
+    return dict(images=images, input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels,
+                loss_weight=torch.ones(B))
+
+
+class MegaflamingoTrainer:
+    """megaflamingo's training step on one process: forward, loss, backward, clipping, AdamW.
+
+    Args:
+        cfg: the benchmark config.
+        model: a built Flamingo.
+        loss: "fused" (`head_loss`, chunked linear + cross entropy) or "plain" (logits + flamingo_loss).
+    """
+
+    def __init__(self, cfg: Config, model: torch.nn.Module, loss: str = "fused") -> None:
+        self.model, self.loss_kind = model.train(), loss
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        o = cfg.optim
+        self.opt = torch.optim.AdamW(self.params, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                                     weight_decay=o.weight_decay)
+        self.grad_clip = o.grad_clip
+        self.name = f"megaflamingo ({loss} loss), AdamW, fp32"
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        from megaflamingo.training.loss import flamingo_loss, head_loss
+
+        h = self.model.hidden_states(batch["images"], batch["input_ids"], batch["attention_mask"])
+        if self.loss_kind == "fused":
+            return head_loss(self.model.lm.head(), h, batch["labels"], batch["loss_weight"])
+        return flamingo_loss(self.model.lm.logits(h), batch["labels"], batch["loss_weight"])
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self, last: bool = True) -> None:
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
+def build_trainers(cfg: Config, workdir: Path, loss: str, identical: bool = True):
+    """(open_flamingo trainer, megaflamingo trainer), megaflamingo holding open_flamingo's weights."""
+    from megaflamingo.builder import build_model
+    from openflamingo_baseline import OpenFlamingoTrainer, copy_reference_weights
+
+    torch.manual_seed(0)
+    ref = OpenFlamingoTrainer(cfg, torch.device("cpu"), workdir)
+    ref.model.vision_encoder.final_ln_after_pool = True  # released models' pre-ln_post tokens, as ours
+    ours = build_model(cfg.model)
+    if identical:
+        copy_reference_weights(ours, ref.model)
+    return ref, MegaflamingoTrainer(cfg, ours, loss)
+
+
+def train_step(trainer, batch: dict) -> float:
+    loss = trainer.forward(batch)
+    trainer.backward(loss)
+    trainer.step(last=True)
+    return float(loss.detach())
+
+
+def time_interleaved(trainers: dict, batch: dict, warmup: int, repeats: int) -> dict:
+    """Median seconds per training step of each trainer, taking turns; first and last losses."""
+    first = {name: train_step(t, batch) for name, t in trainers.items()}  # identical weights here
+    for _ in range(warmup):
+        for t in trainers.values():
+            train_step(t, batch)
+    times: dict[str, list[float]] = {name: [] for name in trainers}
+    last = {}
+    for _ in range(repeats):
+        for name, t in trainers.items():
+            start = time.perf_counter()
+            last[name] = train_step(t, batch)
+            times[name].append(time.perf_counter() - start)
+    return {name: {"step_s": statistics.median(times[name]), "step_s_all": times[name],
+                   "loss_first": first[name], "loss_last": last[name]} for name in trainers}
+
+
+def _rss_mib() -> float:
+    """This process's peak RSS in MiB: VmHWM (ru_maxrss would carry the forking parent's peak
+    across exec on Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def memory_child(side: str, loss: str, warmup: int) -> dict:
+    """In this (fresh) process: build one side alone, train warmup + 2 steps; peak RSS in MiB."""
+    import open_flamingo  # noqa: F401  (both sides import the same packages before the baseline)
+    import open_clip  # noqa: F401
+    import transformers  # noqa: F401
+
+    import megaflamingo.builder  # noqa: F401
+    from openflamingo_baseline import OpenFlamingoTrainer
+
+    cfg, batch = bench_config(), mmc4_batch(bench_config())
+    before = _rss_mib()
+    with tempfile.TemporaryDirectory() as tmp:
+        if side == "open_flamingo":
+            trainer = OpenFlamingoTrainer(cfg, torch.device("cpu"), Path(tmp))
+        else:
+            from megaflamingo.builder import build_model
+
+            trainer = MegaflamingoTrainer(cfg, build_model(cfg.model), loss)
+        built = _rss_mib()
+        for _ in range(warmup + 2):
+            train_step(trainer, batch)
+    return {"side": side, "peak_rss_mib": _rss_mib(), "peak_rss_after_imports_mib": before,
+            "peak_rss_after_build_mib": built}
+
+
+def measure_memory(loss: str, warmup: int) -> dict:
+    """Peak RSS of each side in its own child process (`--memory-child`)."""
+    out = {}
+    for side in ("open_flamingo", "megaflamingo"):
+        cmd = [sys.executable, __file__, "--memory-child", side, "--loss", loss, "--warmup", str(warmup)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        out[side] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out
+
+
+def environment() -> dict:
+    """Device, versions, threads and date for the record."""
+    import open_clip
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import importlib.metadata as md
+
+    return {"device": f"cpu: {cpu}", "cores": __import__("os").cpu_count(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "open_clip": open_clip.__version__, "open_flamingo": md.version("open_flamingo"),
+            "python": platform.python_version(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=7, help="timed steps per side (median)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--loss", choices=("fused", "plain"), default="fused")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-RSS child processes")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--memory-child", choices=("open_flamingo", "megaflamingo"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.memory_child:
+        print(json.dumps(memory_child(args.memory_child, args.loss, args.warmup)))
+        return 0
+
+    cfg = bench_config()
+    batch = mmc4_batch(cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        ref, ours = build_trainers(cfg, Path(tmp), args.loss)
+        timing = time_interleaved({"open_flamingo": ref, "megaflamingo": ours}, batch, args.warmup, args.repeats)
+    del ref, ours
+    env = environment()
+    print(" ".join(f"{k}={v}" for k, v in env.items()))
+    print(f"B={B} T={T} M={M} V={cfg.model.vocab_size} loss={args.loss} warmup={args.warmup} repeats={args.repeats}")
+    of, mf = timing["open_flamingo"], timing["megaflamingo"]
+    print(f"first-step loss (identical weights): open_flamingo {of['loss_first']:.6f}  "
+          f"megaflamingo {mf['loss_first']:.6f}  |diff| {abs(of['loss_first'] - mf['loss_first']):.2e}")
+    print(f"median step: open_flamingo {of['step_s'] * 1e3:.0f} ms  megaflamingo {mf['step_s'] * 1e3:.0f} ms  "
+          f"ratio {mf['step_s'] / of['step_s']:.3f} (goal <= 0.8)")
+    result = {"environment": env, "config": {"B": B, "T": T, "M": M, "model": MODEL, "loss": args.loss,
+                                             "warmup": args.warmup, "repeats": args.repeats,
+                                             "image_positions": IMAGE_POSITIONS},
+              "timing": timing, "step_time_ratio": mf["step_s"] / of["step_s"]}
+    if not args.no_memory:
+        mem = measure_memory(args.loss, args.warmup)
+        ratio = mem["megaflamingo"]["peak_rss_mib"] / mem["open_flamingo"]["peak_rss_mib"]
+        print(f"peak RSS: open_flamingo {mem['open_flamingo']['peak_rss_mib']:.0f} MiB  megaflamingo "
+              f"{mem['megaflamingo']['peak_rss_mib']:.0f} MiB  ratio {ratio:.3f} (goal <= 0.8)")
+        result.update(memory=mem, peak_rss_ratio=ratio)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
