@@ -45,7 +45,7 @@ def lm_config_from_hf(path: str | Path) -> LMConfig:
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"no config.json in LM checkpoint directory {path}")
-    from megaflamingo.convert.mosaicgpt import as_hf_mpt_config  # MPT-1B's MosaicGPT layout (H5)
+    from megaflamingo.models.mosaicgpt import as_hf_mpt_config  # MPT-1B's MosaicGPT layout (H5)
 
     raw = as_hf_mpt_config(json.loads(config_file.read_text()))
     cfg = family_for_model_type(raw.get("model_type"), str(config_file)).read_hf_config(raw)
@@ -198,7 +198,7 @@ def read_hf_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             state.update(load_file(str(file), device="cpu"))
         else:
             state.update(torch.load(file, map_location="cpu", weights_only=True))
-    from megaflamingo.convert.mosaicgpt import as_hf_mpt_state  # MPT-1B's MosaicGPT names (H5)
+    from megaflamingo.models.mosaicgpt import as_hf_mpt_state  # MPT-1B's MosaicGPT names (H5)
 
     return as_hf_mpt_state(state)
 

@@ -12,7 +12,7 @@ import re
 import pytest
 import torch
 
-from megaflamingo.convert.mosaicgpt import as_hf_mpt_state, mpt_config
+from megaflamingo.models.mosaicgpt import as_hf_mpt_state, mpt_config
 from megaflamingo.models.hf_weights import lm_config_from_hf, load_hf_lm
 from tests.hf_models import build_tiny_hf_lm
 
