@@ -110,3 +110,39 @@ def test_plots_are_written_as_pngs(tmp_path):
     (tmp_path / "empty.jsonl").write_text(json.dumps({"step": 1}) + "\n")
     with pytest.raises(ValueError, match="no 'loss'"):
         plot_run(tmp_path / "empty.jsonl", None, tmp_path / "none")
+
+
+def test_answer_only_stream_option_reaches_the_batches(tiny_assets):
+    """data.laion.answer_only_loss=true: every labelled span of a training batch is answer + EOC (+ EOS)."""
+    from megaflamingo.config import load_config
+    from megaflamingo.data.loader import build_train_loader
+
+    out, summary = tiny_assets
+    tokenizer, _ = load_tokenizer(out / "tokenizer")
+    base = [f"model.tokenizer={out / 'tokenizer'}", f"data.laion.shards={out / 'data' / 'laion_vqa' / '*.tar'}",
+            "data.laion.seq_len=96", "data.laion.batch_size=4", "data.laion.shuffle_buffer=0", "data.mmc4.shards=null"]
+    on = next(iter(build_train_loader(load_config(ROOT / "configs/tiny.yaml", [*base, "data.laion.answer_only_loss=true"]),
+                                      tokenizer, 0, 1)))[0]
+    off = next(iter(build_train_loader(load_config(ROOT / "configs/tiny.yaml", base), tokenizer, 0, 1)))[0]
+    assert torch.equal(on["input_ids"], off["input_ids"])
+    for ids, labels, full in zip(on["input_ids"], on["labels"], off["labels"]):
+        text = tokenizer.decode(ids[labels != -100])
+        answer = tokenizer.decode(ids).split(ANSWER_MARK)[1].split("<|endofchunk|>")[0]
+        assert text == f"{answer}<|endofchunk|>{tokenizer.eos_token}", text
+        assert (full != -100).sum() > (labels != -100).sum()  # the default keeps the question too
+
+
+def test_lr_multipliers_split_the_groups():
+    from megaflamingo.training.lr_groups import with_lr_multipliers
+
+    module = torch.nn.ModuleDict({"a": torch.nn.Linear(2, 2), "b": torch.nn.Linear(2, 2)})
+    module.a.attn_gate = torch.nn.Parameter(torch.zeros(1))
+    groups = [{"params": [module.a.weight, module.a.attn_gate], "weight_decay": 0.1},
+              {"params": [module.b.weight], "weight_decay": 0.0}]
+    assert with_lr_multipliers(groups, module, 1e-3, {}) is groups
+    out = with_lr_multipliers(groups, module, 1e-3, {"_gate": 10.0, "b.": 0.5})
+    got = sorted((g.get("lr", 1e-3), [id(p) for p in g["params"]], g["weight_decay"]) for g in out)
+    assert [lr for lr, _, _ in got] == pytest.approx([5e-4, 1e-3, 1e-2])
+    assert [(ids, wd) for _, ids, wd in got] == [([id(module.b.weight)], 0.0), ([id(module.a.weight)], 0.1),
+                                                 ([id(module.a.attn_gate)], 0.1)]
+    assert "lr" not in next(g for g in out if g["params"] == [module.a.weight])  # factor 1: the base lr
