@@ -122,6 +122,9 @@ class KernelsConfig:
 
     xattn: str = "auto"
     """Media-indexed cross-attention: "auto" (Triton on CUDA, reference elsewhere), "triton", "reference"."""
+    fused_loss: bool = True
+    """Training loss through the fused linear + cross entropy (`training.loss.head_loss`; the same
+    loss and gradients as the full logits in fp32, without the (B, T, V) logits); False: full logits."""
 
 
 @dataclass

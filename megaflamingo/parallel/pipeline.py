@@ -132,15 +132,17 @@ class PipelineBlock(StageLayer):
 
 
 class PipelineHead(StageLayer):
-    """Last layer: the LM's `LMHead` (final norm and head), vocab-sharded logits out."""
+    """Last layer: the LM's `LMHead` (final norm and head), vocab-sharded logits out; with
+    `logits=False` the final norm only (a fused loss applies the head itself)."""
 
-    def __init__(self, head: LMHead) -> None:
+    def __init__(self, head: LMHead, logits: bool = True) -> None:
         super().__init__()
-        self.head = head
+        self.head, self.logits = head, logits
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """Args: (h (B, T, D), mask). Returns: logits (B, T, V_local)."""
-        return self.head(self.touch_anchors(inputs[0]))
+        """Args: (h (B, T, D), mask). Returns: logits (B, T, V_local), or normed h (B, T, D)."""
+        h = self.touch_anchors(inputs[0])
+        return self.head(h) if self.logits else self.head.norm(h)
 
 
 class PipelineLoss:
@@ -298,14 +300,14 @@ def _add_anchors(layers: list[StageLayer], parts: list[int]) -> None:
             stage[-1].anchors.append(make_anchor(weight_decay=False))
 
 
-def _build_layers(model: Flamingo, parts: list[int]) -> list[StageLayer]:
+def _build_layers(model: Flamingo, parts: list[int], head_logits: bool = True) -> list[StageLayer]:
     """Embed, blocks and head, with anchors where a stage lacks a parameter group."""
     fusion = model.fusion_layers()
     last_xattn = max((i for i, f in enumerate(fusion) if f.xattn is not None), default=-1)
     embed = PipelineEmbed(model.media_encoder(), model.lm.embed_tokens, sends_media=last_xattn >= 0)
     blocks = [PipelineBlock(f, model.lm.cfg, receives_media=i <= last_xattn, sends_media=i < last_xattn)
               for i, f in enumerate(fusion)]
-    layers: list[StageLayer] = [embed, *blocks, PipelineHead(model.lm.head())]
+    layers: list[StageLayer] = [embed, *blocks, PipelineHead(model.lm.head(), head_logits)]
     _add_anchors(layers, parts)
     return layers
 
@@ -347,7 +349,8 @@ def build_pipeline_module(model: Flamingo, groups: ProcessGroups, loss: LossFn, 
         model: the model, after `apply_tensor_parallel` when tp > 1; all ranks hold the same weights.
         groups: this rank's process groups (their layout gives pp; the topology is DeepSpeed's
             PipeModelDataParallelTopology of the same layout).
-        loss: the loss, called loss(logits, labels, loss_weight, vocab_group=, vocab_start=).
+        loss: the loss, called loss(logits, labels, loss_weight, vocab_group=, vocab_start=) (with the
+            final-norm output in place of the logits when `loss.takes_hidden`, a fused head + loss).
         partition: explicit stage starts (`parallel.pipeline_partition`), or None.
         costs: per-layer costs (embed, L blocks, head) to balance when no explicit partition.
         activation_checkpointing: recompute each block in backward (non-reentrant).
@@ -363,7 +366,8 @@ def build_pipeline_module(model: Flamingo, groups: ProcessGroups, loss: LossFn, 
     tie = model.lm.lm_head is None and added is not None and added.requires_grad
     tied_group = _tied_added_group(model, groups) if tie else None
     module = FlamingoPipelineModule(
-        _build_layers(model, parts), parts, tied_group=tied_group, tied_param=added if tie else None,
+        _build_layers(model, parts, not getattr(loss, "takes_hidden", False)), parts, tied_group=tied_group,
+        tied_param=added if tie else None,
         topology=deepspeed_topology(dims),
         loss_fn=PipelineLoss(loss, groups.tp if dims.tp > 1 else None, logits_vocab_start(model.lm)),
         activation_checkpoint_interval=1 if activation_checkpointing else 0,

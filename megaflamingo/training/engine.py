@@ -38,7 +38,7 @@ from megaflamingo.models.flops import count_flops
 from megaflamingo.parallel.plan import apply_tensor_parallel, gather_full_state, logits_vocab_start
 from megaflamingo.parallel.topology import DeepSpeedMPU, ParallelDims, ProcessGroups
 from megaflamingo.resolve import batch_layout, check_layout
-from megaflamingo.training.loss import flamingo_loss
+from megaflamingo.training.loss import FusedHeadLoss, flamingo_loss, head_loss
 from megaflamingo.training.lr_groups import with_lr_multipliers
 from megaflamingo.training.step import SkipNonFiniteAdamW, TrainStep
 
@@ -175,17 +175,22 @@ class FlamingoWithLoss(nn.Module):
     Args:
         model: the (tensor-parallelised) Flamingo.
         vocab_group: the TP group its logits are sharded over, or None.
+        fused_loss: the loss from the final hidden states through `head_loss` (no (B, T, V) logits).
     """
 
-    def __init__(self, model: Flamingo, vocab_group: Optional[dist.ProcessGroup] = None) -> None:
+    def __init__(self, model: Flamingo, vocab_group: Optional[dist.ProcessGroup] = None,
+                 fused_loss: bool = False) -> None:
         super().__init__()
-        self.model, self.vocab_group = model, vocab_group
+        self.model, self.vocab_group, self.fused_loss = model, vocab_group, fused_loss
         self.vocab_start = logits_vocab_start(model.lm)
 
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 labels: torch.Tensor, loss_weight: torch.Tensor) -> torch.Tensor:
         """Args: one micro-batch (module docstring). Returns: the scalar loss."""
         dtype = next(self.model.perceiver.parameters()).dtype
+        if self.fused_loss:
+            h = self.model.hidden_states(images.to(dtype), input_ids, attention_mask)  # (B, T, D)
+            return head_loss(self.model.lm.head(), h, labels, loss_weight, self.vocab_group, self.vocab_start)
         logits = self.model(images.to(dtype), input_ids, attention_mask)  # (B, T, V_local)
         return flamingo_loss(logits, labels, loss_weight, vocab_group=self.vocab_group,
                              vocab_start=self.vocab_start)
@@ -210,11 +215,12 @@ def _build_module(cfg: Config, model: Flamingo, groups: ProcessGroups) -> nn.Mod
     if dims.pp == 1:
         if cfg.parallel.activation_checkpointing:
             apply_activation_checkpointing(model)
-        return FlamingoWithLoss(model, groups.tp if dims.tp > 1 else None)
+        return FlamingoWithLoss(model, groups.tp if dims.tp > 1 else None, cfg.model.kernels.fused_loss)
     from megaflamingo.parallel.pipeline import build_pipeline_module
 
+    loss = FusedHeadLoss(model.lm.head()) if cfg.model.kernels.fused_loss else flamingo_loss
     return build_pipeline_module(
-        model, groups, flamingo_loss, partition=cfg.parallel.pipeline_partition,
+        model, groups, loss, partition=cfg.parallel.pipeline_partition,
         costs=pipeline_layer_costs(cfg, model), activation_checkpointing=cfg.parallel.activation_checkpointing,
     )
 
