@@ -220,13 +220,18 @@ def _lm_source(cfg: ModelConfig) -> tuple[object, object, int]:
     return lm_cfg, reader, lm_cfg.vocab_size
 
 
-def _styles(model: Flamingo, full: dict[str, tuple[int, ...]]) -> dict[str, str | None]:
-    """The TP style of every parameter (by its module's path in the plan), None = replicated."""
+def tp_styles(model: Flamingo) -> dict[str, str | None]:
+    """The TP style of every parameter of a plain Flamingo, from its module's path in the plan
+    (`parallel.plan.flamingo_tp_plan`); None = replicated. The vocabulary style splits only the
+    base table (`weight`): the trainable `added` rows stay replicated."""
     from megaflamingo.parallel.plan import _compile, flamingo_tp_plan
 
-    compiled = _compile(flamingo_tp_plan(model))
-    return {name: next((s for regex, s in compiled if regex.match(name.rsplit(".", 1)[0])), None)
-            for name in full}
+    compiled, styles = _compile(flamingo_tp_plan(model)), {}
+    for name, _ in model.named_parameters():
+        module, leaf = name.rsplit(".", 1)
+        style = next((s for regex, s in compiled if regex.match(module)), None)
+        styles[name] = None if style == "vocab" and leaf != "weight" else style
+    return styles
 
 
 def build_rank_model(cfg: ModelConfig, groups=None, parts: list[int] | None = None, *, seed: int = 0,
@@ -258,7 +263,7 @@ def build_rank_model(cfg: ModelConfig, groups=None, parts: list[int] | None = No
     with params_on_meta():
         model = build_model(plain)
     full = {n: tuple(p.shape) for n, p in model.named_parameters()}
-    styles = _styles(model, full)
+    styles = tp_styles(model)
     tp, tp_rank = (groups.dims.tp, groups.tp_rank) if groups is not None else (1, 0)
     if tp > 1:
         apply_tensor_parallel(model, groups)

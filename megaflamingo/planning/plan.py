@@ -31,7 +31,7 @@ from megaflamingo.models.flamingo import xattn_layer_indices
 from megaflamingo.models.flops import count_flops, lm_shape, vision_shape
 from megaflamingo.parallel.layers import shard_bounds
 from megaflamingo.parallel.topology import ParallelDims
-from megaflamingo.resolve import check_layout
+from megaflamingo.resolve import batch_layout, check_layout
 from megaflamingo.planning import activations as act
 from megaflamingo.planning.inputs import meta_model
 from megaflamingo.planning.params import ParamCounts, rank_params
@@ -98,7 +98,6 @@ class Plan:
 
 def _streams(cfg: Config, dims: ParallelDims) -> list[StreamPlan]:
     """The streams with shards (every stream when none has any), laid out on `dims`."""
-    from megaflamingo.training.engine import batch_layout
 
     names = [n for n in ("laion", "mmc4") if getattr(cfg.data, n).shards is not None] or ["laion", "mmc4"]
     out = []

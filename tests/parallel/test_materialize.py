@@ -198,3 +198,20 @@ def test_building_memory_shrinks_with_the_shard(smollm2):
         # a stage holds half the layers plus the 49k-row embedding (tied: on both stages), 60.5%
         # of the weights, so against TP1 the bound is the weights' share, not 0.6
         assert r["peak_bytes"] <= 1.05 * r["params"] / one["params"] * one["peak_bytes"]
+
+
+@pytest.mark.parametrize("family", ["llama", "mpt", "gpt_neox"])
+def test_inline_lm_ranks_equal_the_slices_of_the_one_rank_build(family, fake_rank):
+    """No checkpoint: every value comes from the (seed, name) init, so a TP2 rank equals the TP1
+    build with the TP plan applied, frozen and trainable alike."""
+    from tests.parallel.cases import model_config
+
+    cfg = model_config(family)
+    for rank in range(2):
+        groups = fake_rank(ParallelDims(tp=2), rank)
+        mine, reader = build_rank_model(cfg, groups, seed=3)
+        one, _ = build_rank_model(cfg, seed=3)
+        assert reader is None
+        assert _compare(mine, dict(apply_tensor_parallel(one, groups).named_parameters())) == []
+        other, _ = build_rank_model(cfg, groups, seed=4)
+        assert _compare(other, dict(mine.named_parameters()), skip=("lm.", "vision.")) != []  # the seed matters
