@@ -158,6 +158,9 @@ def build_for_export(config: str, overrides: list[str], checkpoint: str | None):
     if step_dir is not None:
         check_checkpoint_config(step_dir, cfg, resolved)
     progress("building the model")
+    # As training does (training/loop.py `run`): weights a config leaves random (inline LMs, towers
+    # without a weights file) then equal the run's.
+    torch.manual_seed(cfg.train.seed)
     model = build_model(resolved).eval()
     if resolved.openflamingo_checkpoint is not None:
         load_openflamingo_checkpoint(model, resolved.openflamingo_checkpoint)
