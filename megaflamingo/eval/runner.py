@@ -23,7 +23,7 @@ import torch
 
 from megaflamingo.eval.cache import CachedDecoder
 from megaflamingo.eval.demos import Rices, random_demos, sample_order
-from megaflamingo.eval.generation import Decoder, UncachedDecoder, beam_search, greedy_search, rank_classes
+from megaflamingo.eval.generation import Decoder, beam_search, greedy_search, rank_classes
 from megaflamingo.eval.metrics import cider, roc_auc, score_vqa_answers
 from megaflamingo.eval.tasks import Example, TaskData, TaskSpec
 

@@ -24,7 +24,7 @@ def _write(path: Path, obj) -> None:
     path.write_text(json.dumps(obj))
 
 
-def karpathy(root: Path, task: str, n_train: int = 6, n_test: int = 5) -> dict:
+def karpathy(root: Path, task: str, n_train: int = 5, n_test: int = 4) -> dict:
     images, annotations = [], []
     for i in range(n_train + n_test):
         split = "train" if i < n_train else "test"
@@ -43,7 +43,7 @@ def karpathy(root: Path, task: str, n_train: int = 6, n_test: int = 5) -> dict:
     return spec
 
 
-def vqa(root: Path, task: str, n_train: int = 6, n_test: int = 6) -> dict:
+def vqa(root: Path, task: str, n_train: int = 5, n_test: int = 4) -> dict:
     spec = {}
     for split, n, offset in (("train", n_train, 0), ("test", n_test, 100)):
         folder = root / ("train2014" if split == "train" else "val2014")
@@ -71,7 +71,7 @@ def vqa(root: Path, task: str, n_train: int = 6, n_test: int = 6) -> dict:
     return spec
 
 
-def hateful_memes(root: Path, n_train: int = 6, n_test: int = 8) -> dict:
+def hateful_memes(root: Path, n_train: int = 5, n_test: int = 6) -> dict:
     for split, n, offset in (("train", n_train, 0), ("dev", n_test, 50)):
         rows = [{"id": i, "img": f"img/{i:05d}.png", "label": i % 2, "text": f"meme {WORDS[i % 10]}"}
                 for i in range(offset, offset + n)]
@@ -81,7 +81,7 @@ def hateful_memes(root: Path, n_train: int = 6, n_test: int = 8) -> dict:
     return {"train": str(root / "train.jsonl"), "test": str(root / "dev.jsonl"), "images": str(root / "img")}
 
 
-def easyvqa(root: Path, n: int = 6, answers: list[str] | None = None) -> dict:
+def easyvqa(root: Path, n: int = 4, answers: list[str] | None = None) -> dict:
     spec = {}
     for split, offset in (("test", 0), ("train", 100)):
         rows = []
