@@ -1,7 +1,8 @@
 """Evaluate a megaflamingo model: OpenFlamingo's few-shot suite, or the demo's easy-vqa check.
 
     python launcher/evaluate.py --config C --checkpoint auto|none|DIR --data SPEC.yaml \
-        --tasks coco,vqav2,hatefulmemes --shots 0,4,8 [--rices] [--num-samples N] [--trials K] [--out DIR]
+        --tasks coco,vqav2,hatefulmemes --shots 0,4,8 [--rices] [--num-samples N] [--trials K] [--out DIR] \
+        [--vqa-metric openflamingo|official|official_2017] [--batch-size 8] [--no-kv-cache] [key=value ...]
     torchrun --nproc_per_node 2 launcher/evaluate.py ...        # or: deepspeed --num_gpus 2 ...
     python launcher/evaluate.py vqa --config configs/demo-cpu.yaml --data runs/demo/data/vqa/test.jsonl \
         [--checkpoint auto|DIR] [--limit 300] [--baseline] [--json out.json]

@@ -323,7 +323,7 @@ def _cached_context(cfg: LMConfig, attention_mask: torch.Tensor | None, seq_len:
                     device: torch.device | str, dtype: torch.dtype) -> AttentionContext:
     """`attention_context` for T new tokens after P cached ones: the last T rows of the full
     (P + T) context. The mask is always explicit (SDPA's `is_causal` aligns a T x (P + T) mask
-    top-left), except where flash-attn runs mask-free (its causal mask aligns bottom-right)."""
+    top-left), except where flash-attn runs mask-free (its causal mask aligns bottom-right, >= 2.1)."""
     full = attention_context(cfg, attention_mask, past_len + seq_len, device, dtype)
     cos, sin = (None, None) if full.cos is None else (full.cos[past_len:], full.sin[past_len:])
     mask = full.sdpa_mask
