@@ -164,7 +164,7 @@ def read_layout_free(checkpoint_dir: str | Path) -> tuple[dict[str, dict[str, to
                           f"change); resume it on the layout that wrote it")
     params, steps = {}, set()
     for path in files:
-        part = torch.load(path, map_location="cpu", weights_only=True)
+        part = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         if part.get("format") != FORMAT:
             raise LayoutError(f"{path}: layout-free format {part.get('format')}, expected {FORMAT}")
         params.update(part["params"])
@@ -195,8 +195,8 @@ def _shard_index(engine: Any, groups: ProcessGroups) -> dict[str, tuple[torch.Si
     return index
 
 
-def _link_adam_state(engine: Any, create: bool) -> bool:
-    """Make Adam's state reachable per parameter; returns whether there is any.
+def _link_adam_state(engine: Any, create: bool) -> None:
+    """Make Adam's state reachable per parameter.
 
     With `create`, zero state (what AdamW starts from) is made where the optimizer has none yet.
     ZeRO-1/2 map each parameter to its fragment of the flat state only lazily; the mapping is
@@ -208,13 +208,10 @@ def _link_adam_state(engine: Any, create: bool) -> bool:
         if create and not state:
             state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(owner),
                          exp_avg_sq=torch.zeros_like(owner))
-    if not any(opt.state[owner] for owner in _adam_owners(engine)):
-        return False
     link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
-    if link is not None:
+    if link is not None and any(opt.state[owner] for owner in _adam_owners(engine)):
         engine.optimizer._hp_optimizer_states_linked = False
         link()
-    return True
 
 
 def _local_values(saved: dict, index: dict) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from megaflamingo.config import ConfigError
-from megaflamingo.data.dealing import merge_states
+from megaflamingo.data.dealing import canonical_count, merge_states, rank_readers, worker_readers
 from megaflamingo.data.loader import build_stream_loader, build_train_loader, interleave
 from megaflamingo.data.sharding import Position, StreamPlan, iter_reader
 from megaflamingo.data.shards import ShardNotFoundError, expand_shards, read_shard
@@ -152,6 +152,15 @@ def test_a_run_resumes_on_another_layout(easy_vqa_dir, tokenizer_dir, tokenizer)
         assert_same_global(tail, want[4:])
     with pytest.raises(ValueError, match="lacks reader"):  # one rank's own state on another layout
         build_train_loader(cfg2, tokenizer, 3, 4, state=states[0])
+
+
+def test_canonical_count_and_worker_split():
+    assert canonical_count(0, {"laion": 8, "mmc4": 12}) == 4  # default: gcd of the batch sizes
+    assert canonical_count(2, {"laion": 8}) == 2
+    assert worker_readers([4, 5, 6, 7, 8], 2) == [[4, 5, 6], [7, 8]]  # consecutive runs
+    assert worker_readers([4, 5], 3) == [[4], [5]]  # no idle worker is started
+    assert worker_readers([4, 5], 0) == [[4, 5]]  # the main process reads them all
+    assert rank_readers(8, 1, 4) == [2, 3]
 
 
 def test_a_state_of_another_sample_order_is_refused(easy_vqa_dir, tokenizer_dir, tokenizer):
