@@ -41,20 +41,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     args = parser.parse_args(argv)
     from megaflamingo.config import ConfigError
-    from megaflamingo.planning import build_plan, check_fits, format_plan, load_plan_config, world_from_hostfile
+    from megaflamingo.planning import run_plan, world_from_hostfile
 
     try:
         gpu_mem = None if args.gpu_mem is None else parse_bytes(args.gpu_mem)
         world, hosts = world_from_hostfile(args.hostfile) if args.hostfile else (args.world, None)
-        cfg, notes = load_plan_config(args.config, args.overrides)
-        plan = build_plan(cfg, world, hosts, gpu_mem, notes)
-        print(format_plan(plan))
-        check_fits(plan)
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return 0
-
+    return run_plan(args.config, world, args.overrides, hosts, gpu_mem)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -3,6 +3,7 @@
     deepspeed --hostfile hostfiles/a100 launcher/pretrain.py --config configs/openflamingo-9b.yaml
     deepspeed --num_gpus 2 launcher/pretrain.py --config configs/tiny.yaml train.steps=20
     python launcher/pretrain.py --config configs/tiny.yaml            # a single process
+    WORLD_SIZE=64 python launcher/pretrain.py --config C --dry-run    # memory plan only (launcher/plan.py)
 
 Overrides are dotted `key=value` pairs (`optim.lr=3e-4 parallel.tp=2`). The run resumes from the
 newest checkpoint in train.output_dir unless `--resume none`; `--resume DIR` picks one. A config
@@ -24,8 +25,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="YAML run config")
     parser.add_argument("--resume", default=None, help="checkpoint dir, 'auto' or 'none'")
     parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
+    parser.add_argument("--dry-run", action="store_true", help="print the per-rank memory plan and exit")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     args = parser.parse_args(argv)
+    if args.dry_run:  # no weights, no process group: launcher/plan.py on this launch's world size
+        import os
+
+        from megaflamingo.planning import run_plan
+
+        return run_plan(args.config, int(os.environ.get("WORLD_SIZE", "1")), args.overrides,
+                        quiet=os.environ.get("RANK", "0") != "0")
     from megaflamingo.config import ConfigError, load_config
     from megaflamingo.data.shards import ShardNotFoundError
 

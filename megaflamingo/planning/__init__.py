@@ -7,7 +7,7 @@ one-line `PlanError` when a rank does not fit. `launcher/plan.py` is the command
 
 from megaflamingo.planning.inputs import load_plan_config, world_from_hostfile
 from megaflamingo.planning.plan import GiB, Plan, PlanError, build_plan, check_fits
-from megaflamingo.planning.report import format_plan
+from megaflamingo.planning.report import format_plan, run_plan
 
 __all__ = ["GiB", "Plan", "PlanError", "build_plan", "check_fits", "format_plan", "load_plan_config",
-           "world_from_hostfile"]
+           "run_plan", "world_from_hostfile"]

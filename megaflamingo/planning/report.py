@@ -60,3 +60,29 @@ def format_plan(plan: Plan) -> str:
                      f"{worst.peak / GiB:.2f} GiB of tensors; CUDA context, NCCL buffers and "
                      f"fragmentation come on top)")
     return "\n".join(lines)
+
+
+def run_plan(config: str, world_size: int, overrides: list[str] = (), hosts: list[str] | None = None,
+             gpu_mem: float | None = None, quiet: bool = False) -> int:
+    """Plan, print (unless `quiet`) and check a run: the body of `launcher/plan.py` and of
+    `launcher/pretrain.py --dry-run`.
+
+    Returns:
+        0, or 2 after one `error:` line on stderr (illegal layout, bad config, does not fit).
+    """
+    import sys
+
+    from megaflamingo.config import ConfigError
+    from megaflamingo.planning.inputs import load_plan_config
+    from megaflamingo.planning.plan import build_plan, check_fits
+
+    try:
+        cfg, notes = load_plan_config(config, list(overrides))
+        plan = build_plan(cfg, world_size, hosts, gpu_mem, notes)
+        if not quiet:
+            print(format_plan(plan))
+        check_fits(plan)
+    except (ConfigError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

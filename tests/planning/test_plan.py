@@ -188,3 +188,16 @@ def test_cli_not_fitting_exits_2_with_one_line(tmp_path, capsys):
     hostfile.write_text("node-a 2\n")
     assert _launcher().main(["--config", str(ROOT / "configs/tiny.yaml"), "--hostfile", str(hostfile)]) == 2
     assert "expected '<host> slots=<n>'" in capsys.readouterr().err
+
+
+def test_pretrain_dry_run_plans_the_launch_world(monkeypatch, capsys):
+    spec = importlib.util.spec_from_file_location("pretrain_launcher", ROOT / "launcher/pretrain.py")
+    pretrain = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pretrain)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert pretrain.main(["--config", str(ROOT / "configs/tiny.yaml"), "--dry-run", "parallel.pp=2"]) == 0
+    assert "world 4 = tp 1 x pp 2 x dp 2" in capsys.readouterr().out
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert pretrain.main(["--config", str(ROOT / "configs/tiny.yaml"), "--dry-run", "parallel.pp=2"]) == 2
+    err = capsys.readouterr().err
+    assert "does not divide the world size 3" in err and err.count("\n") == 1
