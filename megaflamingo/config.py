@@ -153,6 +153,9 @@ class ModelConfig:
     """True: the added token rows are frozen too (OpenFlamingo --freeze_lm_embeddings)."""
     openflamingo_checkpoint: Optional[str] = None
     """A released-format OpenFlamingo checkpoint.pt to import after building."""
+    frozen_dtype: Optional[str] = None
+    """"bf16" or "fp32": dtype of the frozen weights (vision tower, LM) when each rank builds only its
+    shard (`parallel.materialize`) and in `launcher/plan.py`; None: the training precision."""
 
 
 # ----------------------------------------------------------------------------- rest of the run
@@ -459,6 +462,8 @@ def validate_model(m: ModelConfig) -> None:
         _check(lm.num_heads % kv == 0,
                f"model.lm: num_heads {lm.num_heads} is not divisible by num_kv_heads {kv}")
     _check(m.cross_attn_every_n_layers >= 1, "model.cross_attn_every_n_layers must be >= 1")
+    _check(m.frozen_dtype in (None, "bf16", "fp32"),
+           f"model.frozen_dtype: expected bf16 or fp32, got '{m.frozen_dtype}'")
     _check(m.kernels.xattn in ("auto", "triton", "reference"),
            f"model.kernels.xattn: expected auto, triton or reference, got '{m.kernels.xattn}'")
     for name in ("depth", "heads", "dim_head", "num_latents", "ff_mult"):
