@@ -234,8 +234,12 @@ def tp_styles(model: Flamingo) -> dict[str, str | None]:
     return styles
 
 
+FROZEN_DTYPES = {None: torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16}
+"""model.frozen_dtype -> the dtype frozen weights are materialised in (None: fp32, the engine casts)."""
+
+
 def build_rank_model(cfg: ModelConfig, groups=None, parts: list[int] | None = None, *, seed: int = 0,
-                     frozen_dtype: torch.dtype = torch.float32) -> tuple[Flamingo, object]:
+                     frozen_dtype: torch.dtype | None = None) -> tuple[Flamingo, object]:
     """This rank's Flamingo: its pipeline stage's parameters at their TP shapes, the rest on meta.
 
     Args:
@@ -245,7 +249,7 @@ def build_rank_model(cfg: ModelConfig, groups=None, parts: list[int] | None = No
         parts: pipeline stage boundaries over the layers [embed, L blocks, head] (stage =
             groups.pp_rank), or None: every layer.
         seed: seeds the initial values of every parameter not read from a checkpoint, by name.
-        frozen_dtype: dtype of the frozen weights (trainable ones are fp32).
+        frozen_dtype: dtype of the frozen weights; None: `cfg.frozen_dtype` (trainable ones are fp32).
     Returns:
         (model, reader): the model, and the `SliceReader` whose `reads` list every slice read
         (None for an inline LM).
@@ -257,6 +261,7 @@ def build_rank_model(cfg: ModelConfig, groups=None, parts: list[int] | None = No
     from megaflamingo.parallel.plan import apply_tensor_parallel
 
     cfg = resolve_token_ids(cfg)
+    frozen_dtype = frozen_dtype or FROZEN_DTYPES[cfg.frozen_dtype]
     lm_cfg, reader, vocab_ck = _lm_source(cfg)
     plain = dataclasses.replace(cfg, lm=dataclasses.replace(lm_cfg, hf_path=None),
                                 vision=dataclasses.replace(cfg.vision, weights=None))

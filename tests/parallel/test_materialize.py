@@ -215,3 +215,16 @@ def test_inline_lm_ranks_equal_the_slices_of_the_one_rank_build(family, fake_ran
         assert _compare(mine, dict(apply_tensor_parallel(one, groups).named_parameters())) == []
         other, _ = build_rank_model(cfg, groups, seed=4)
         assert _compare(other, dict(mine.named_parameters()), skip=("lm.", "vision.")) != []  # the seed matters
+
+
+def test_frozen_weights_in_bf16_trainable_in_fp32(tmp_path, fake_rank):
+    from tests.hf_models import save_tiny_hf_lm
+
+    cfg = lm_model_config(save_tiny_hf_lm("llama_gqa", tmp_path / "lm"))
+    groups = fake_rank(ParallelDims(tp=2), 1)
+    fp32, _ = build_rank_model(cfg, groups)
+    bf16, _ = build_rank_model(dataclasses.replace(cfg, frozen_dtype="bf16"), groups)
+    want = dict(fp32.named_parameters())
+    for name, param in bf16.named_parameters():
+        assert param.dtype == (torch.float32 if param.requires_grad else torch.bfloat16), name
+        assert torch.equal(param, want[name].to(param.dtype)), name
