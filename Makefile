@@ -24,6 +24,8 @@ setup: $(STAMP)
 
 $(STAMP): setup.py Makefile
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
+	command -v java >/dev/null || (apt-get update -q && apt-get install -y -q default-jre-headless) \
+		|| echo 'warning: no java: CIDEr (PTB tokenizer) evaluation will refuse to run'
 	$(PIP) install -q $(PINS)
 	$(PIP) install -q --no-deps $(NODEPS)
 	$(PIP) install -q --no-deps --no-build-isolation -e .
