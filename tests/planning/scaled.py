@@ -92,9 +92,11 @@ def measured_step_peak(cfg: Config) -> dict[str, float]:
     from megaflamingo.training.loss import flamingo_loss
 
     torch.manual_seed(0)
-    model = build_model(cfg.model)
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    model = build_model(cfg.model).to(dtype)  # bf16: the whole module, as DeepSpeed's bf16 mode
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     batch = synthetic_batch(cfg)
+    batch["images"] = batch["images"].to(dtype)
 
     def step() -> None:
         logits = model(batch["images"], batch["input_ids"], batch["attention_mask"])

@@ -139,6 +139,18 @@ def test_openflamingo_9b_estimate_is_within_15_percent_of_a_measured_step():
     assert rank.memory["activations"] > 0.5 * rank.peak  # the activations are what is being checked
 
 
+def test_openflamingo_9b_bf16_activations_are_within_15_percent_of_a_measured_step():
+    """The same in bf16 (fp32 norms and softmax statistics, the loss's fp32 copies): activations
+    + gradients only, since a bare torch AdamW keeps no fp32 master copy as DeepSpeed's does."""
+    cfg, notes = load_plan_config(str(ROOT / "configs/openflamingo-9b.yaml"), [*SCALED, "train.precision=bf16"])
+    rank = build_plan(cfg, 1, notes=notes).ranks[0]
+    measured = measured_step_peak(cfg)
+    step = rank.memory["activations"] + rank.memory["gradients"]
+    print(f"bf16 activations + gradients {step / 2**20:.1f} MiB estimated, {measured['step'] / 2**20:.1f} measured")
+    assert measured["parameters"] == rank.memory["frozen_weights"] + rank.memory["trainable_weights"]
+    assert step == pytest.approx(measured["step"], rel=0.15)
+
+
 # ----------------------------------------------------------------------------- command line
 
 
