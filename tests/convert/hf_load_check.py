@@ -33,8 +33,16 @@ def run_job(job: dict) -> dict:
             out["logits"][side] = model(input_ids=ids, attention_mask=mask, vision_x=vision_x).logits.float()
     if job.get("max_new_tokens"):
         vision_x, ids, mask = job["batches"]["left"]
+        calls = {"vision": 0, "lm_lengths": []}  # media encoded once; the LM sees 1 new token per step
+        hooks = [model.vision.register_forward_hook(lambda *_: calls.__setitem__("vision", calls["vision"] + 1)),
+                 model.language_model.register_forward_pre_hook(
+                     lambda _, args, kwargs: calls["lm_lengths"].append(kwargs["input_ids"].shape[1]),
+                     with_kwargs=True)]
         out["generated"] = model.generate(ids, vision_x=vision_x, attention_mask=mask,
                                           max_new_tokens=job["max_new_tokens"])[:, ids.shape[1]:]
+        for hook in hooks:
+            hook.remove()
+        out["generate_calls"] = calls
     if job.get("processor"):
         spec = job["processor"]
         batch = processor(images=spec["images"], text=spec["texts"], padding="max_length",

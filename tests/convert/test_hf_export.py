@@ -154,6 +154,10 @@ def test_generate_equals_megaflamingo_greedy(exported, variant):
     ours, theirs, _, _ = exported
     eoc = ours[variant]["ids"].eoc_token_id
     generated = theirs[f"{variant}-fp32"]["generated"]
+    calls = theirs[f"{variant}-fp32"]["generate_calls"]
+    assert calls["vision"] == 1  # the images are encoded once
+    prompt = exported[1][f"{variant}-fp32"]["logits"]["left"].shape[1]
+    assert calls["lm_lengths"][0] == prompt and set(calls["lm_lengths"][1:]) == {1}  # KV cache
     for row, want in enumerate(ours[variant]["greedy"]):
         got = generated[row].tolist()
         if eoc in got:
