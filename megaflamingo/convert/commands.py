@@ -139,6 +139,39 @@ def load_training_checkpoint(model: torch.nn.Module, step_dir: Path) -> list[str
     return list(state)
 
 
+def check_weight_files(lm_dir: str | Path | None) -> None:
+    """Name a missing or truncated weight file of an LM directory before anything reads it.
+
+    safetensors files must parse their header and cover their data; `.bin` files must be intact
+    zip archives (what torch.save writes). Reads headers and zip directories only.
+
+    Raises:
+        ValueError: naming the file.
+    """
+    import json
+    import zipfile
+
+    if lm_dir is None:
+        return
+    path = Path(lm_dir)
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (path / index).is_file():
+            for name in sorted(set(json.loads((path / index).read_text())["weight_map"].values())):
+                if not (path / name).is_file():
+                    raise ValueError(f"{path / index} names shard {name}, which is missing")
+    for file in sorted(path.glob("*.safetensors")):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                handle.keys()
+        except Exception as err:  # safetensors raises its own SafetensorError
+            raise ValueError(f"cannot read {file}: {str(err).splitlines()[0]}") from None
+    for file in sorted(path.glob("*.bin")):
+        if not zipfile.is_zipfile(file):
+            raise ValueError(f"cannot read {file}: not a complete torch checkpoint (truncated?)")
+
+
 def build_for_export(config: str, overrides: list[str], checkpoint: str | None):
     """(run config with the model section resolved, model, tokenizer) for a config [+ checkpoint].
 
@@ -157,6 +190,7 @@ def build_for_export(config: str, overrides: list[str], checkpoint: str | None):
     step_dir = resolve_step_dir(checkpoint) if checkpoint else None
     if step_dir is not None:
         check_checkpoint_config(step_dir, cfg, resolved)
+    check_weight_files(resolved.lm.hf_path)
     progress("building the model")
     # As training does (training/loop.py `run`): weights a config leaves random (inline LMs, towers
     # without a weights file) then equal the run's.
@@ -208,6 +242,7 @@ def from_openflamingo(args) -> int:
     from megaflamingo.convert.openflamingo import from_openflamingo as load
 
     progress(f"reading {args.checkpoint}")
+    check_weight_files(args.lm)
     model = load(args.checkpoint, lm=args.lm, vision=args.vision, tokenizer=args.tokenizer)
     report = model.openflamingo_report
     progress(f"cross_attn_every_n_layers={report.cross_attn_every_n_layers} (from the checkpoint's keys); "

@@ -116,8 +116,15 @@ def test_to_hf_then_every_bad_input_exits_2_and_keeps_the_previous_output(assets
     mpt_keys = assets / "mpt.pt"
     torch.save({k.replace("lang_encoder.model.layers.", "lang_encoder.transformer.blocks."): v
                 for k, v in torch.load(ckpt, weights_only=True).items()}, mpt_keys)
+    cut = assets / "lm-truncated"
+    cut.mkdir(exist_ok=True)
+    for file in (assets / "lm").iterdir():
+        (cut / file.name).write_bytes(file.read_bytes())
+    weights = (cut / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(weights[: len(weights) // 2])
     cases = {
         "missing shard": ([f"model.lm.hf_path={sharded}"], shards[1].name),
+        "truncated LM weights": ([f"model.lm.hf_path={cut}"], "lm-truncated/model.safetensors"),
         "truncated checkpoint": ([f"model.openflamingo_checkpoint={truncated}"], "truncated.pt"),
         "wrong family": ([f"model.openflamingo_checkpoint={mpt_keys}"], "is for a mpt LM"),
         "wrong n": ([f"model.openflamingo_checkpoint={ckpt}", "model.cross_attn_every_n_layers=1"],
