@@ -139,6 +139,12 @@ def load_training_checkpoint(model: torch.nn.Module, step_dir: Path) -> list[str
     return list(state)
 
 
+def _is_zip(file: Path) -> bool:
+    import zipfile
+
+    return zipfile.is_zipfile(file)
+
+
 def check_weight_files(lm_dir: str | Path | None) -> None:
     """Name a missing or truncated weight file of an LM directory before anything reads it.
 
@@ -149,7 +155,6 @@ def check_weight_files(lm_dir: str | Path | None) -> None:
         ValueError: naming the file.
     """
     import json
-    import zipfile
 
     if lm_dir is None:
         return
@@ -168,7 +173,7 @@ def check_weight_files(lm_dir: str | Path | None) -> None:
         except Exception as err:  # safetensors raises its own SafetensorError
             raise ValueError(f"cannot read {file}: {str(err).splitlines()[0]}") from None
     for file in sorted(path.glob("*.bin")):
-        if not zipfile.is_zipfile(file):
+        if not _is_zip(file):
             raise ValueError(f"cannot read {file}: not a complete torch checkpoint (truncated?)")
 
 
@@ -191,6 +196,9 @@ def build_for_export(config: str, overrides: list[str], checkpoint: str | None):
     if step_dir is not None:
         check_checkpoint_config(step_dir, cfg, resolved)
     check_weight_files(resolved.lm.hf_path)
+    vision_weights = getattr(resolved.vision, "weights", None)
+    if vision_weights is not None and Path(vision_weights).is_file() and not _is_zip(Path(vision_weights)):
+        raise ValueError(f"cannot read model.vision.weights {vision_weights}: not a complete torch checkpoint")
     progress("building the model")
     # As training does (training/loop.py `run`): weights a config leaves random (inline LMs, towers
     # without a weights file) then equal the run's.

@@ -122,7 +122,10 @@ def test_to_hf_then_every_bad_input_exits_2_and_keeps_the_previous_output(assets
         (cut / file.name).write_bytes(file.read_bytes())
     weights = (cut / "model.safetensors").read_bytes()
     (cut / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    vision_cut = assets / "vision-truncated.pt"
+    vision_cut.write_bytes((assets / "vision.pt").read_bytes()[:1000])
     cases = {
+        "truncated vision weights": ([f"model.vision.weights={vision_cut}"], "vision-truncated.pt"),
         "missing shard": ([f"model.lm.hf_path={sharded}"], shards[1].name),
         "truncated LM weights": ([f"model.lm.hf_path={cut}"], "lm-truncated/model.safetensors"),
         "truncated checkpoint": ([f"model.openflamingo_checkpoint={truncated}"], "truncated.pt"),
