@@ -153,7 +153,7 @@ def _peak_memory_gib(device: torch.device) -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "process max RSS so far (CPU)"
 
 
-def _timed_step(trainer, batch: dict, accum: int, device: torch.device) -> tuple[float, dict]:
+def _timed_step(trainer: Any, batch: dict, accum: int, device: torch.device) -> tuple[float, dict]:
     """One optimizer step of `accum` micro-batches; seconds per phase, each phase between syncs."""
     if isinstance(trainer, EngineTrainer):
         return trainer.timed_step([batch] * accum, device)
@@ -174,7 +174,7 @@ def _timed_step(trainer, batch: dict, accum: int, device: torch.device) -> tuple
     return float(loss.detach()), {**spent, "step_s": sum(spent.values())}
 
 
-def time_steps(trainer, batch: dict, steps: int, warmup: int, accum: int, device: torch.device) -> dict:
+def time_steps(trainer: Any, batch: dict, steps: int, warmup: int, accum: int, device: torch.device) -> dict:
     """Run warmup + timed optimizer steps; the median seconds of each phase and the losses seen."""
     phases: dict[str, list[float]] = {}
     losses = []
