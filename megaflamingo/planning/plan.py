@@ -81,6 +81,8 @@ class Plan:
     ranks: list[RankPlan]
     gpu_mem: float | None
     notes: list[str]
+    settings: str = ""
+    """Precision, frozen dtype, ZeRO stage, activation checkpointing, in words."""
 
     @property
     def micro_batches(self) -> int:
@@ -155,8 +157,7 @@ def _memory(cfg: Config, counts: ParamCounts, dims: ParallelDims, activation: fl
     w = 2 if cfg.train.precision == "bf16" else 4
     k = 12 if cfg.train.precision == "bf16" else 8
     z, dp = cfg.parallel.zero_stage, dims.dp
-    frozen_w = getattr(cfg.model, "frozen_dtype", None)
-    fw = {"bf16": 2, "fp32": 4}.get(frozen_w, w)
+    fw = {"bf16": 2, "fp32": 4}.get(cfg.model.frozen_dtype, w)
     return {
         "frozen_weights": fw * counts.frozen / (dp if z == 3 else 1),
         "trainable_weights": w * counts.trainable / (dp if z == 3 else 1),
@@ -204,7 +205,10 @@ def build_plan(cfg: Config, world_size: int, hosts: list[str] | None = None, gpu
             cache[key] = (counts, _memory(cfg, counts, dims, activation))
         counts, memory = cache[key]
         ranks.append(RankPlan(rank, hosts[rank] if hosts else "-", c, counts, dict(memory)))
-    return Plan(dims, parts, streams, ranks, gpu_mem, notes)
+    p = cfg.parallel
+    settings = (f"precision {cfg.train.precision}, frozen weights {cfg.model.frozen_dtype or cfg.train.precision}, "
+                f"ZeRO-{p.zero_stage}, activation checkpointing {'on' if p.activation_checkpointing else 'off'}")
+    return Plan(dims, parts, streams, ranks, gpu_mem, notes, settings)
 
 
 def check_fits(plan: Plan) -> None:

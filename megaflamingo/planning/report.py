@@ -18,7 +18,8 @@ def _params(value: int) -> str:
 
 def _header(plan: Plan) -> list[str]:
     d = plan.dims
-    lines = [f"layout: world {d.world_size} = tp {d.tp} x pp {d.pp} x dp {d.dp} (axis order pp, dp, tp)"]
+    lines = [f"layout: world {d.world_size} = tp {d.tp} x pp {d.pp} x dp {d.dp} (axis order pp, dp, tp); "
+             f"{plan.settings}"]
     lines += [f"note: {n}" for n in plan.notes]
     for s in plan.streams:
         mb = s.micro_batch

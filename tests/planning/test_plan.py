@@ -213,3 +213,14 @@ def test_pretrain_dry_run_plans_the_launch_world(monkeypatch, capsys):
     assert pretrain.main(["--config", str(ROOT / "configs/tiny.yaml"), "--dry-run", "parallel.pp=2"]) == 2
     err = capsys.readouterr().err
     assert "does not divide the world size 3" in err and err.count("\n") == 1
+
+
+def test_frozen_dtype_and_zero3_terms():
+    cfg, _ = load_plan_config(str(ROOT / "configs/tiny.yaml"), ["model.frozen_dtype=bf16", "parallel.zero_stage=3"])
+    plan = build_plan(cfg, 4)
+    for rank in plan.ranks:
+        p, m = rank.params, rank.memory
+        assert m["frozen_weights"] == 2 * p.frozen / 4 and m["trainable_weights"] == 4 * p.trainable / 4
+        assert m["gradients"] == 4 * p.trainable / 4 and m["optimizer"] == 8 * p.trainable / 4
+        assert m["zero3_gather"] == 4 * p.largest_layer > 0
+    assert "frozen weights bf16, ZeRO-3" in format_plan(plan)
