@@ -20,13 +20,14 @@ replicated parameters are all covered by that one rule.
 
 DeepSpeed 0.19 creates Adam state lazily at the first optimizer step and has no public call to
 create it; `_adam_owners` names the tensors its ZeRO optimizers key the state by
-(`single_partition_of_fp32_groups` for ZeRO-1/2, `fp32_partitioned_groups_flat` for ZeRO-3).
+(`single_partition_of_fp32_groups` for ZeRO-1/2, `fp32_partitioned_groups_flat` for ZeRO-3), and
+`_set_zero3` writes ZeRO-3 partitions itself (its public setter mishandles padded partitions).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -214,6 +215,22 @@ def _link_adam_state(engine: Any, create: bool) -> None:
         link()
 
 
+def _set_zero3(param: nn.Parameter, value: torch.Tensor, key: Optional[str]) -> None:
+    """Write this DP rank's piece of a whole (TP-local) `value` into ZeRO-3's fp32 partition of
+    `param` (key None) or its Adam state `key`.
+
+    DeepSpeed 0.19's `safe_set_full_*` narrows the unpadded value at rank x partition size, which
+    fails on the last ranks when dp does not divide the parameter's size (a (1,) gate at dp=2);
+    this pads as the partitions are padded.
+    """
+    part, _ = param._z3_optimizer._get_fp32_opt_state_partition(
+        param, release_swap_buffers=False, optim_state_key=key)
+    start = part.numel() * dist.get_rank(group=param.ds_process_group)
+    piece = value.flatten()[start:start + part.numel()]
+    part.data.zero_()
+    part.data[:piece.numel()].copy_(piece)
+
+
 def _local_values(saved: dict, index: dict) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
     for name, (shape, where) in index.items():
         if name not in saved:
@@ -252,7 +269,10 @@ def load_layout_free(engine: Any, groups: ProcessGroups, checkpoint_dir: str | P
             with torch.no_grad():
                 param.data.copy_(values[name]["param"].to(param.dtype))
     for name, param in params.items():
-        if _zero(param):
+        if hasattr(param, "ds_id"):
+            for key in KEYS:
+                _set_zero3(param, values[name][key].to(param.device), None if key == "param" else key)
+        elif _zero(param):
             safe_set_full_fp32_param(param, values[name]["param"].to(param.device))
             for key in KEYS[1:]:
                 safe_set_full_optimizer_state(param, values[name][key].to(param.device), key)

@@ -147,7 +147,9 @@ def _kill_when_held(ranks: int, out: Path, args: list[str], step: int, marker: P
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+    """||a - b|| / ||b|| of one tensor (element-wise, Adam turns rounding-level gradient
+    differences of near-zero-gradient elements into lr-sized steps on any two layouts)."""
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
 def test_a_checkpoint_resumes_on_other_layouts(assets, single_rank, eight_ranks, tmp_path):
@@ -175,7 +177,8 @@ def test_a_checkpoint_resumes_on_other_layouts(assets, single_rank, eight_ranks,
     final, _ = read_layout_free(latest_checkpoint(out / "checkpoints"))
     reference, _ = read_layout_free(latest_checkpoint(single_rank / "checkpoints"))
     assert final.keys() == reference.keys() and reference
-    worst = max(_rel(final[k][t], reference[k][t]) for k in reference for t in ("param", "exp_avg"))
+    worst = max(_rel(final[k][t], reference[k][t]) for k in reference
+                for t in ("param", "exp_avg", "exp_avg_sq"))
     assert worst <= 1e-5, worst
 
 
