@@ -25,7 +25,10 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional
+
+if TYPE_CHECKING:
+    from megaflamingo.parallel.topology import ParallelDims, ProcessGroups
 
 _FINAL = re.compile(r"^step_(\d{8})$")
 
@@ -133,12 +136,12 @@ def load_trainable_weights(model, checkpoint_dir: str | Path) -> list[str]:
 # ----------------------------------------------------------------------------- any layout
 
 
-def layout_of(zero_stage: int, dims) -> dict[str, int]:
+def layout_of(zero_stage: int, dims: "ParallelDims") -> dict[str, int]:
     """What a checkpoint's DeepSpeed files are bound to: {tp, pp, dp, zero_stage}."""
     return {"tp": dims.tp, "pp": dims.pp, "dp": dims.dp, "zero_stage": zero_stage}
 
 
-def restore_run_state(engine, groups, zero_stage: int, path: Path) -> dict:
+def restore_run_state(engine: Any, groups: "ProcessGroups", zero_stage: int, path: Path) -> dict:
     """Load checkpoint `path` into `engine` on this layout (collective: every rank calls it).
 
     DeepSpeed's own files when the layout that wrote them is this one (bit-exact), else the
