@@ -3,6 +3,7 @@
     python benchmarks/step.py                      # CPU, the OpenFlamingo-shaped model below
     python benchmarks/step.py --repeats 9 --json benchmarks/results/step_cpu.json
     python benchmarks/step.py --loss plain         # megaflamingo with the full-logits loss
+    python benchmarks/step.py --step engine        # megaflamingo through build_engine + training.step
 
 Shapes: B batch, T text tokens, M images per sample, V vocabulary rows.
 
@@ -19,7 +20,10 @@ its way (AdamW on its trainable set: Perceiver, cross-attention, the whole input
 the gradient rows of the two new tokens kept); megaflamingo's model gets the very same weights
 (`copy_reference_weights`) and trains with its own step: forward to the final hidden states, the
 fused linear + cross-entropy loss (`training.loss.head_loss`; `--loss plain`: full logits and
-`flamingo_loss`), backward, gradient clipping, AdamW on its trainable set. Both run in this process,
+`flamingo_loss`), backward, gradient clipping, AdamW on its trainable set (`--step plain`, the
+default: that step written out in this file; `--step engine`: the DeepSpeed engine of
+`training.engine.build_engine` and the step function of `training.step`, what the trainer runs,
+with `model.kernels.fused_loss` set from --loss). Both run in this process,
 taking turns in every repeat (a loaded machine slows both alike); the first losses (identical
 weights) are printed side by side and must agree. Reported: median step seconds and the ratio.
 
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -66,7 +71,7 @@ IMAGE_POSITIONS = ([0, 31, 44, 150, 201], [0, 90, 101, 112, 240])
 
 def bench_config() -> Config:
     """The benchmark's config (model above, default optimizer: AdamW lr 1e-4, wd 0.1, clip 1.0)."""
-    return config_from_dict({"model": MODEL})
+    return config_from_dict({"model": MODEL, "train": {"precision": "fp32"}})
 
 
 def mmc4_batch(cfg: Config, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -121,7 +126,20 @@ class MegaflamingoTrainer:
         self.opt.zero_grad(set_to_none=True)
 
 
-def build_trainers(cfg: Config, workdir: Path, loss: str, identical: bool = True):
+class EngineStepTrainer:
+    """megaflamingo's real step: `build_engine` + `build_train_step` (one rank, ZeRO-0, fp32)."""
+
+    def __init__(self, cfg: Config, model: torch.nn.Module) -> None:
+        from tflops import EngineTrainer
+
+        self.inner = EngineTrainer(cfg, model, micro_batch=B, accum=1)
+        self.name = self.inner.name
+
+    def train_step(self, batch: dict) -> float:
+        return float(self.inner.step_fn([batch]).loss)
+
+
+def build_trainers(cfg: Config, workdir: Path, loss: str, identical: bool = True, step: str = "plain"):
     """(open_flamingo trainer, megaflamingo trainer), megaflamingo holding open_flamingo's weights."""
     from megaflamingo.builder import build_model
     from openflamingo_baseline import OpenFlamingoTrainer, copy_reference_weights
@@ -132,10 +150,15 @@ def build_trainers(cfg: Config, workdir: Path, loss: str, identical: bool = True
     ours = build_model(cfg.model)
     if identical:
         copy_reference_weights(ours, ref.model)
+    if step == "engine":
+        cfg.model.kernels.fused_loss = loss == "fused"
+        return ref, EngineStepTrainer(cfg, ours)
     return ref, MegaflamingoTrainer(cfg, ours, loss)
 
 
 def train_step(trainer, batch: dict) -> float:
+    if isinstance(trainer, EngineStepTrainer):
+        return trainer.train_step(batch)
     loss = trainer.forward(batch)
     trainer.backward(loss)
     trainer.step(last=True)
@@ -169,13 +192,14 @@ def _rss_mib() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def memory_child(side: str, loss: str, warmup: int) -> dict:
+def memory_child(side: str, loss: str, warmup: int, step: str = "plain") -> dict:
     """In this (fresh) process: build one side alone, train warmup + 2 steps; peak RSS in MiB."""
     import open_flamingo  # noqa: F401  (both sides import the same packages before the baseline)
     import open_clip  # noqa: F401
     import transformers  # noqa: F401
 
     import megaflamingo.builder  # noqa: F401
+    import megaflamingo.training.engine  # noqa: F401  (DeepSpeed: imported by both sides alike)
     from openflamingo_baseline import OpenFlamingoTrainer
 
     cfg, batch = bench_config(), mmc4_batch(bench_config())
@@ -183,6 +207,11 @@ def memory_child(side: str, loss: str, warmup: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         if side == "open_flamingo":
             trainer = OpenFlamingoTrainer(cfg, torch.device("cpu"), Path(tmp))
+        elif step == "engine":
+            from megaflamingo.builder import build_model
+
+            cfg.model.kernels.fused_loss = loss == "fused"
+            trainer = EngineStepTrainer(cfg, build_model(cfg.model))
         else:
             from megaflamingo.builder import build_model
 
@@ -194,12 +223,16 @@ def memory_child(side: str, loss: str, warmup: int) -> dict:
             "peak_rss_after_build_mib": built}
 
 
-def measure_memory(loss: str, warmup: int) -> dict:
+def measure_memory(loss: str, warmup: int, step: str = "plain") -> dict:
     """Peak RSS of each side in its own child process (`--memory-child`)."""
     out = {}
     for side in ("open_flamingo", "megaflamingo"):
-        cmd = [sys.executable, __file__, "--memory-child", side, "--loss", loss, "--warmup", str(warmup)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        cmd = [sys.executable, __file__, "--memory-child", side, "--loss", loss, "--warmup", str(warmup),
+               "--step", step]
+        # a fresh world of one: not the parent's RANK / MASTER_PORT (its process group holds that port)
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
         out[side] = json.loads(proc.stdout.strip().splitlines()[-1])
     return out
 
@@ -217,7 +250,7 @@ def environment() -> dict:
         pass
     import importlib.metadata as md
 
-    return {"device": f"cpu: {cpu}", "cores": __import__("os").cpu_count(), "threads": torch.get_num_threads(),
+    return {"device": f"cpu: {cpu}", "cores": os.cpu_count(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "transformers": transformers.__version__,
             "open_clip": open_clip.__version__, "open_flamingo": md.version("open_flamingo"),
             "python": platform.python_version(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -228,34 +261,43 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=7, help="timed steps per side (median)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--loss", choices=("fused", "plain"), default="fused")
+    parser.add_argument("--step", choices=("plain", "engine"), default="plain",
+                        help="megaflamingo's step: written out here, or build_engine + training.step")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-RSS child processes")
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--memory-child", choices=("open_flamingo", "megaflamingo"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_child:
-        print(json.dumps(memory_child(args.memory_child, args.loss, args.warmup)))
+        print(json.dumps(memory_child(args.memory_child, args.loss, args.warmup, args.step)))
         return 0
 
     cfg = bench_config()
     batch = mmc4_batch(cfg)
     with tempfile.TemporaryDirectory() as tmp:
-        ref, ours = build_trainers(cfg, Path(tmp), args.loss)
+        ref, ours = build_trainers(cfg, Path(tmp), args.loss, step=args.step)
         timing = time_interleaved({"open_flamingo": ref, "megaflamingo": ours}, batch, args.warmup, args.repeats)
     del ref, ours
     env = environment()
     print(" ".join(f"{k}={v}" for k, v in env.items()))
-    print(f"B={B} T={T} M={M} V={cfg.model.vocab_size} loss={args.loss} warmup={args.warmup} repeats={args.repeats}")
+    print(f"B={B} T={T} M={M} V={cfg.model.vocab_size} loss={args.loss} step={args.step} warmup={args.warmup} "
+          f"repeats={args.repeats}")
     of, mf = timing["open_flamingo"], timing["megaflamingo"]
     print(f"first-step loss (identical weights): open_flamingo {of['loss_first']:.6f}  "
           f"megaflamingo {mf['loss_first']:.6f}  |diff| {abs(of['loss_first'] - mf['loss_first']):.2e}")
+    pairs = [m / o for o, m in zip(of["step_s_all"], mf["step_s_all"])]  # same repeat: same machine load
     print(f"median step: open_flamingo {of['step_s'] * 1e3:.0f} ms  megaflamingo {mf['step_s'] * 1e3:.0f} ms  "
           f"ratio {mf['step_s'] / of['step_s']:.3f} (goal <= 0.8)")
+    print(f"fastest step: open_flamingo {min(of['step_s_all']) * 1e3:.0f} ms  megaflamingo "
+          f"{min(mf['step_s_all']) * 1e3:.0f} ms  ratio {min(mf['step_s_all']) / min(of['step_s_all']):.3f}; "
+          f"median of per-repeat ratios {statistics.median(pairs):.3f}")
     result = {"environment": env, "config": {"B": B, "T": T, "M": M, "model": MODEL, "loss": args.loss,
-                                             "warmup": args.warmup, "repeats": args.repeats,
+                                             "step": args.step, "warmup": args.warmup, "repeats": args.repeats,
                                              "image_positions": IMAGE_POSITIONS},
-              "timing": timing, "step_time_ratio": mf["step_s"] / of["step_s"]}
+              "timing": timing, "step_time_ratio": mf["step_s"] / of["step_s"],
+              "step_time_ratio_fastest": min(mf["step_s_all"]) / min(of["step_s_all"]),
+              "step_time_ratio_median_of_pairs": statistics.median(pairs)}
     if not args.no_memory:
-        mem = measure_memory(args.loss, args.warmup)
+        mem = measure_memory(args.loss, args.warmup, args.step)
         ratio = mem["megaflamingo"]["peak_rss_mib"] / mem["open_flamingo"]["peak_rss_mib"]
         print(f"peak RSS: open_flamingo {mem['open_flamingo']['peak_rss_mib']:.0f} MiB  megaflamingo "
               f"{mem['megaflamingo']['peak_rss_mib']:.0f} MiB  ratio {ratio:.3f} (goal <= 0.8)")

@@ -90,6 +90,24 @@ class _ImagesToChunks(torch.autograd.Function):
         return summed.to(grad_rows.dtype).view(plan.num_images, *grad_rows.shape[1:]), None
 
 
+def _chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(K)) v for many small chunks.
+
+    fp32/fp64: two batched matmuls and a softmax (on CPU about 25% faster than SDPA's flash
+    kernel at C x N = 8 x 64, whose backward zero-fills and re-tiles per chunk; the (R, H, C, N)
+    probabilities it keeps are small); 16-bit: SDPA, which accumulates in fp32.
+
+    Args:
+        q: (R, H, C, K); k, v: (R, H, N, K).
+    Returns:
+        (R, H, C, K).
+    """
+    if q.dtype not in (torch.float32, torch.float64):
+        return F.scaled_dot_product_attention(q, k, v)
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)  # (R, H, C, N)
+    return torch.matmul(scores.softmax(dim=-1), v)
+
+
 def media_attention_gather(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_time: torch.Tensor, plan: ChunkPlan | None = None
 ) -> torch.Tensor:
@@ -120,7 +138,7 @@ def media_attention_gather(
         k_c, v_c = k.reshape(I, H, N, K), v.reshape(I, H, N, K)  # main chunk i reads image i in place
         if R_o:  # runs longer than C: the overflow chunks need their image's keys gathered
             k_c, v_c = _ImagesToChunks.apply(k_c, plan), _ImagesToChunks.apply(v_c, plan)  # (R, H, N, K)
-        out_c = F.scaled_dot_product_attention(q_c, k_c, v_c)  # (R, H, C, K)
+        out_c = _chunk_attention(q_c, k_c, v_c)  # (R, H, C, K)
         out = _SlotsToTokens.apply(out_c.transpose(1, 2).reshape(R * C, H, K), plan).view(B, T, H, K)
     else:
         out = q.new_zeros(B, T, H, K)
