@@ -18,7 +18,8 @@
   `data.mmc4_options.min_image_bytes=0` (dataset.json repeats this).
 - `laion_vqa/NNNNN.tar`: the same pair format, one pair per train (image, question), captioned in
   OpenFlamingo's VQA prompt format "Question:{q} Short answer:{a}": what the demo trains on, so
-  that training and the VQA evaluation prompt agree.
+  that training and the VQA evaluation prompt agree. Pairs are in a seeded random order; colour
+  and shape questions can be repeated (`open_repeats`).
 - `vqa/test.jsonl` + `vqa/images/`: the test split as a VQA eval set, one JSON line per question
   {question_id, image (relative to the jsonl), question, answers (the answer x10, VQA style),
   question_type (color, shape, yes/no)}, in a seeded random order; `vqa/probe.jsonl`: the
@@ -137,10 +138,19 @@ def laion_samples(images: list[tuple[int, str, str]]) -> Iterator[dict]:
         yield {"__key__": key, "jpg": jpeg_bytes(path), "txt": text, "json": meta}
 
 
-def vqa_pair_samples(paths: dict[int, str], qas: dict, image_ids: list[int]) -> Iterator[dict]:
-    """One img2dataset-style pair per (image, question), captioned as an OpenFlamingo VQA prompt."""
-    rows = ((i, paths[i], f"Question:{q} Short answer:{a}") for i in image_ids for q, a in qas[i])
-    yield from laion_samples(list(rows))
+def vqa_pair_samples(paths: dict[int, str], qas: dict, image_ids: list[int], seed: int = 0,
+                     open_repeats: int = 1) -> Iterator[dict]:
+    """One img2dataset-style pair per (image, question), captioned as an OpenFlamingo VQA prompt,
+    in a seeded random order (any stretch of the shards spans many images).
+
+    Args:
+        open_repeats: colour and shape questions are written this many times (yes/no once): the
+            answers that need the image most get a larger share of a short training run.
+    """
+    rows = [(i, paths[i], f"Question:{q} Short answer:{a}") for i in image_ids for q, a in qas[i]
+            for _ in range(1 if question_type(a) == "yes/no" else open_repeats)]
+    random.Random(seed).shuffle(rows)
+    yield from laion_samples(rows)
 
 
 def document(images: list[tuple[int, str, tuple]], qas: dict, rng: random.Random) -> dict:
@@ -213,14 +223,15 @@ def write_vqa(out_dir: Path, limit: Optional[int], seed: int = 0, probe_images: 
 
 
 def write_easy_vqa(out_dir: str | Path, limit: Optional[int] = None, shard_size: int = 100,
-                   seed: int = 0) -> dict:
+                   seed: int = 0, open_repeats: int = 1) -> dict:
     """Write LAION-style, MMC4-style and VQA-eval data from the installed easy-vqa package.
 
     Args:
         out_dir: output directory (created).
         limit: use at most this many train images and test images (None: all).
         shard_size: samples (pairs or documents) per tar shard.
-        seed: document composition and similarity jitter.
+        seed: document composition, similarity jitter, the order of pairs and test questions.
+        open_repeats: times each colour/shape question is written to laion_vqa (yes/no: once).
     Returns:
         The summary also written to out_dir/dataset.json.
     """
@@ -234,8 +245,8 @@ def write_easy_vqa(out_dir: str | Path, limit: Optional[int] = None, shard_size:
     known = [(i, p, a) for i, p, a in described if caption(*a)]
     mmc4 = write_shards(mmc4_samples(known, qas, seed), str(out / "mmc4" / "%05d.tar"), shard_size)
     image_ids = sorted(paths)[:limit]
-    vqa_pairs = write_shards(vqa_pair_samples(paths, qas, image_ids), str(out / "laion_vqa" / "%05d.tar"),
-                             shard_size)
+    vqa_pairs = write_shards(vqa_pair_samples(paths, qas, image_ids, seed, open_repeats),
+                             str(out / "laion_vqa" / "%05d.tar"), shard_size)
     questions, probe_questions = write_vqa(out / "vqa", limit, seed)
     summary = {
         "source": "easy-vqa (PyPI)", "laion_pairs": len(captioned),
@@ -244,7 +255,7 @@ def write_easy_vqa(out_dir: str | Path, limit: Optional[int] = None, shard_size:
         "uncaptioned_images": len(described) - len(captioned),
         "laion_vqa_shards": f"laion_vqa/{{00000..{len(vqa_pairs) - 1:05d}}}.tar",
         "vqa_questions": questions, "vqa": "vqa/test.jsonl",
-        "vqa_probe_questions": probe_questions, "vqa_probe": "vqa/probe.jsonl",
+        "vqa_probe_questions": probe_questions, "vqa_probe": "vqa/probe.jsonl", "open_repeats": open_repeats,
         "recommended_overrides": ["data.mmc4_options.min_image_bytes=0"],
     }
     (out / "dataset.json").write_text(json.dumps(summary, indent=2) + "\n")
