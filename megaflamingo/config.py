@@ -224,7 +224,8 @@ class DataConfig:
     seed: int = 42
     canonical_readers: int = 0
     """Virtual readers that deal every global batch (data/dealing.py); must divide each stream's
-    batch_size and be divisible by every dp the run uses; 0: the gcd of the batch sizes."""
+    batch_size and be divisible by every dp the run uses; 0: the gcd of the batch sizes (its
+    largest divisor <= 256)."""
 
 
 @dataclass

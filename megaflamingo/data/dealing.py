@@ -4,7 +4,8 @@ The sample order of a run is a function of (seed, shard list, global batch sizes
 the data-parallel size or the DataLoader worker count:
 
 - *Canonical readers.* Every stream is read by the same C virtual readers
-  (`data.canonical_readers`; 0 = the gcd of the enabled streams' `batch_size`s). Reader v's
+  (`data.canonical_readers`; 0 = the largest divisor of the gcd of the enabled streams'
+  `batch_size`s that is at most `DEFAULT_MAX_READERS`). Reader v's
   sample sequence is fixed by the stream plan (sharding.py: units of an epoch dealt round-robin
   to the C readers, seeded per epoch), bad samples included: a reader skips exactly the samples
   its own preprocessing rejects, so its sequence of good samples is deterministic too.
@@ -36,9 +37,14 @@ from megaflamingo.config import ConfigError
 STATE_FORMAT = 2
 """Version of the loader state (1: per-rank readers of turn 1, not loadable any more)."""
 
+DEFAULT_MAX_READERS = 256
+"""Cap of the automatic reader count: each reader holds an open shard and its shuffle block, and a
+rank holds C / dp of them (at dp = 1 all C), so C is kept moderate unless configured."""
+
 
 def canonical_count(configured: int, batch_sizes: dict[str, int]) -> int:
-    """C: the configured canonical reader count, or the gcd of the global batch sizes when 0.
+    """C: the configured canonical reader count, or, when 0, the largest divisor of the gcd of
+    the global batch sizes that is at most `DEFAULT_MAX_READERS`.
 
     Args:
         configured: `data.canonical_readers` (0 = automatic).
@@ -50,7 +56,9 @@ def canonical_count(configured: int, batch_sizes: dict[str, int]) -> int:
     """
     if configured < 0:
         raise ConfigError(f"data.canonical_readers must be >= 0 (0: automatic), got {configured}")
-    count = configured or math.gcd(*batch_sizes.values())
+    common = math.gcd(*batch_sizes.values())
+    count = configured or max(d for d in range(1, min(common, DEFAULT_MAX_READERS) + 1)
+                              if common % d == 0)
     for name, size in batch_sizes.items():
         if size < 1 or size % count:
             raise ConfigError(f"data.{name}.batch_size={size} is not a multiple of "

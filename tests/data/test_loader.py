@@ -157,6 +157,8 @@ def test_a_run_resumes_on_another_layout(easy_vqa_dir, tokenizer_dir, tokenizer)
 def test_canonical_count_and_worker_split():
     assert canonical_count(0, {"laion": 8, "mmc4": 12}) == 4  # default: gcd of the batch sizes
     assert canonical_count(2, {"laion": 8}) == 2
+    assert canonical_count(0, {"laion": 4096, "mmc4": 2048}) == 256  # capped, still a divisor
+    assert canonical_count(0, {"laion": 300}) == 150
     assert worker_readers([4, 5, 6, 7, 8], 2) == [[4, 5, 6], [7, 8]]  # consecutive runs
     assert worker_readers([4, 5], 3) == [[4], [5]]  # no idle worker is started
     assert worker_readers([4, 5], 0) == [[4, 5]]  # the main process reads them all
