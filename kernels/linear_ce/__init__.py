@@ -52,10 +52,12 @@ def default_chunk_tokens(vocab_local: int) -> int:
 
 
 def _steps(impl: str) -> ModuleType:
+    """The module with the three row steps: reference.py, or triton.py (imported on first use)."""
     return reference if impl == "reference" else importlib.import_module(f"{__name__}.triton")
 
 
-def _all_reduce(x: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
+def _all_reduce(x: torch.Tensor, group: dist.ProcessGroup | None, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """x reduced in place over `group` (no-op without one)."""
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(x, op=op, group=group)
     return x
@@ -80,17 +82,27 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return dh, dw, da, None, None, None, None, None, None, None, None, None
 
 
-def _added_columns(added_ids: torch.Tensor | None, vocab_start: int, vocab_local: int):
-    """(which added rows this rank holds, their local columns), or (None, None)."""
+def _added_columns(added_ids: torch.Tensor | None, vocab_start: int,
+                   vocab_local: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(A,) bool: which added rows this rank holds, and their local columns; or (None, None)."""
     if added_ids is None:
         return None, None
     mine = (added_ids >= vocab_start) & (added_ids < vocab_start + vocab_local)
     return mine, added_ids[mine] - vocab_start
 
 
-def _forward(hidden, weight, added, targets, scale, added_ids, group, vocab_start, chunk_tokens,
-             ignore_index, steps, want_dh, want_dw, want_da):
-    """The loss and (dh, dw, da) at grad_loss = 1; an empty tensor for each gradient not wanted."""
+def _forward(hidden: torch.Tensor, weight: torch.Tensor, added: torch.Tensor | None, targets: torch.Tensor,
+             scale: torch.Tensor, added_ids: torch.Tensor | None, group: dist.ProcessGroup | None,
+             vocab_start: int, chunk_tokens: int | None, ignore_index: int, steps: ModuleType,
+             want_dh: bool, want_dw: bool, want_da: bool) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """The loss and its gradients at grad_loss = 1, chunk by chunk (see the module docstring).
+
+    Args: as `linear_cross_entropy`, plus `steps` (reference or triton module) and which of
+        (hidden, weight, added) want a gradient.
+    Returns:
+        (scalar fp32 loss, (dh (N, D), dw (V_local, D), da (A, D))), an empty tensor for each
+        gradient not wanted.
+    """
     V_local = weight.shape[0]
     rows = torch.nonzero(targets != ignore_index)[:, 0]  # (N_t,) rows with a target
     mine, cols = _added_columns(added_ids if added is not None else None, vocab_start, V_local)
