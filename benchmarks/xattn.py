@@ -9,7 +9,8 @@ documents have them. The gather's cost must not depend on the layout.
 
 Implementations (all compute the same output, checked against the gather reference):
 - dense:     `media_attention_dense`, the (T, M * N) masked score matrix OpenFlamingo builds;
-- gather:    `media_attention_gather`, one SDPA call per run of tokens sharing an image;
+- gather:    `media_attention_gather`, one batched attention call over chunks of tokens that share an
+             image (index tables built once per batch, `layout.chunk_plan`);
 - sdpa_mask: `scaled_dot_product_attention` over all M * N keys with a dense boolean mask;
 - triton:    the Triton kernels through `media_attention(impl="triton")` (CUDA only).
 
