@@ -267,7 +267,7 @@ def test_kernels_compile_for_sm90():
     not enforce the compiler's rules (constexpr-only globals, dot shapes, operand types)."""
     code = (
         "import torch\n"
-        "from megaflamingo.kernels.xattn.triton import compile_for_gpu\n"
+        "from megaflamingo.kernels.xattn.compile import compile_for_gpu\n"
         "for fused in (True, False):\n"
         "    print(compile_for_gpu(torch.bfloat16, 90, fused))\n"
     )
