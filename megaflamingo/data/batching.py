@@ -16,6 +16,7 @@ one micro-batch, running the image transform straight into the batch tensor.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from PIL import Image
@@ -107,8 +108,8 @@ def _batch_buffer(shape: tuple) -> torch.Tensor:
     return torch.empty(0).new(storage).view(shape)
 
 
-def collate(samples: list[Sample], transform, max_num_media: int,
-            loss_weight: float) -> dict[str, torch.Tensor]:
+def collate(samples: list[Sample], transform, max_num_media: int, loss_weight: float,
+            images_out: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
     """Stack samples into one micro-batch (see the module docstring for the format).
 
     Args:
@@ -116,11 +117,16 @@ def collate(samples: list[Sample], transform, max_num_media: int,
         transform: an `ImageTransform` (images are transformed here, into the batch tensor).
         max_num_media: M.
         loss_weight: the stream's loss multiplier, repeated per sample.
+        images_out: a (B, M, 1, 3, H, W) float32 tensor to write the images into (default: a new
+            one, in shared memory inside a DataLoader worker).
     Returns:
         The micro-batch dict.
     """
     height, width = transform.size
-    images = _batch_buffer((len(samples), max_num_media, 1, 3, height, width))  # (B, M, 1, 3, H, W)
+    shape = (len(samples), max_num_media, 1, 3, height, width)
+    images = _batch_buffer(shape) if images_out is None else images_out  # (B, M, 1, 3, H, W)
+    if tuple(images.shape) != shape:
+        raise ValueError(f"collate: images_out has shape {tuple(images.shape)}, expected {shape}")
     for b, sample in enumerate(samples):
         assert len(sample.images) <= max_num_media
         for m, image in enumerate(sample.images):

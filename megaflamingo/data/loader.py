@@ -29,12 +29,14 @@ asserting; bad samples are counted by reason instead of logged and forgotten.
 
 from __future__ import annotations
 
+import itertools
 import random
 import weakref
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -43,11 +45,16 @@ from megaflamingo.data.batching import Sample, SkipSample, TextEncoder, collate
 from megaflamingo.data.dealing import (STATE_FORMAT, canonical_count, rank_readers,
                                        worker_readers)
 from megaflamingo.data.images import ImageTransform, build_image_transform
+from megaflamingo.data.ring import StepRing, ring_supported
 from megaflamingo.data.sharding import MAX_EMPTY_EPOCHS, Position, StreamPlan, iter_reader
 from megaflamingo.data.shards import expand_shards
 from megaflamingo.data.streams import (PreprocessContext, global_batch_sizes, require_streams,
                                        stream_config, stream_kind, stream_options)
 from megaflamingo.data.tokenizer import flamingo_token_ids
+
+PREFETCH = 2
+"""Steps each DataLoader worker prepares ahead; the ring holds PREFETCH + 3 steps (the one being
+assembled, the previous one the consumer may still hold, one spare)."""
 
 
 @dataclass
@@ -120,37 +127,60 @@ class SampleSource:
 
 class _ReaderDataset(IterableDataset):
     """What each DataLoader worker runs: per step, its (consecutive) readers' chunks, collated
-    into one batch, with each reader's position after it."""
+    into one batch (images into the step's ring slot when it is free), with each reader's
+    position after it."""
 
     def __init__(self, source: SampleSource, groups: list[list[int]], positions: dict,
-                 skipped: dict) -> None:
+                 skipped: dict, ring: Optional[StepRing] = None) -> None:
         self.source, self.groups, self.positions, self.skipped = source, groups, positions, skipped
+        self.ring = ring
 
     def __iter__(self):
         info = get_worker_info()
-        readers = self.groups[info.id if info is not None else 0]
+        worker = info.id if info is not None else 0
+        readers = self.groups[worker]
         streams = [self.source.chunks(v, self.positions[v], self.skipped[v]) for v in readers]
         spec, transform = self.source.spec, self.source.transform
-        while True:
+        for step in itertools.count():
             samples, states, keys = [], [], []
             for reader, stream in zip(readers, streams):
                 chunk, after, counts, chunk_keys = next(stream)
                 samples += chunk
                 keys += chunk_keys
-                states.append((reader, after.to_dict(), counts))
-            yield (collate(samples, transform, spec.max_num_media, spec.loss_weight), states,
-                   keys)
+                states.append((reader, (after.epoch, after.unit_pos, after.sample_pos), counts))
+            out = self.ring.claim(step, worker) if self.ring is not None else None
+            batch = collate(samples, transform, spec.max_num_media, spec.loss_weight, out)
+            yield _to_wire(batch, in_ring=out is not None), states, keys
 
 
 def _as_is(item):
     return item
 
 
-def _cut(chunks: list[dict], micro: int) -> list[dict]:
-    """Concatenate the workers' batches (in reader order) and cut the slice into micro-batches."""
-    whole = chunks[0] if len(chunks) == 1 else {
-        key: torch.cat([c[key] for c in chunks]) for key in chunks[0]}
-    count = next(iter(whole.values())).shape[0] // micro
+def _to_wire(batch: dict[str, torch.Tensor], in_ring: bool) -> dict:
+    """The batch as it crosses from a worker: images as None when written into the ring, else in
+    their shared-memory tensor; the small tensors as numpy arrays, pickled inline (as tensors
+    each would cost a shared-memory file and a file-descriptor hand-over per step)."""
+    return {k: (None if in_ring else v) if k == "images" else v.numpy() for k, v in batch.items()}
+
+
+def _from_wire(batch: dict) -> dict:
+    return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
+
+
+def _cut(chunks: list[dict], micro: int, images: Optional[torch.Tensor] = None) -> list[dict]:
+    """Concatenate the workers' batches (in reader order) and cut the slice into micro-batches.
+
+    Args:
+        chunks: each worker's batch dict.
+        micro: samples per micro-batch.
+        images: the step's images already assembled (the ring), or None to concatenate them.
+    """
+    whole = {key: chunks[0][key] if len(chunks) == 1 else torch.cat([c[key] for c in chunks])
+             for key in chunks[0] if key != "images" or images is None}
+    if images is not None:
+        whole["images"] = images
+    count = whole["input_ids"].shape[0] // micro
     return [{k: v[i * micro:(i + 1) * micro] for k, v in whole.items()} for i in range(count)]
 
 
@@ -194,20 +224,35 @@ class StreamLoader:
         self._iterator = None
 
     def _run(self) -> Iterator[list[dict]]:
+        ring = self._ring()
         dataset = _ReaderDataset(self.source, self.groups, dict(self._positions),
-                                 dict(self._skipped))
+                                 dict(self._skipped), ring)
         items = iter(DataLoader(dataset, batch_size=None, num_workers=self.workers,
-                                collate_fn=_as_is, prefetch_factor=2 if self.workers else None))
+                                collate_fn=_as_is,
+                                prefetch_factor=PREFETCH if self.workers else None))
         try:
-            while True:
+            for step in itertools.count():
+                if ring is not None:
+                    ring.collect()
                 parts = [next(items) for _ in self.groups]  # one per worker, round-robin
                 for _, states, _ in parts:
                     for reader, after, counts in states:
-                        self._positions[reader], self._skipped[reader] = Position(**after), counts
+                        self._positions[reader], self._skipped[reader] = Position(*after), counts
                 self.last_keys = [key for _, _, keys in parts for key in keys]
-                yield _cut([batch for batch, _, _ in parts], self.micro_batch_size)
+                batches = [_from_wire(batch) for batch, _, _ in parts]
+                images = None if ring is None else ring.assemble(
+                    step, [batch["images"] for batch in batches])
+                yield _cut(batches, self.micro_batch_size, images)
         finally:
             del items  # shuts the workers down now
+
+    def _ring(self) -> Optional[StepRing]:
+        """The workers' shared step buffers (None in-process: nothing crosses a process)."""
+        if not self.workers or not ring_supported():
+            return None
+        height, width = self.source.transform.size
+        rows = [len(group) * self.spec.chunk_size for group in self.groups]
+        return StepRing(PREFETCH + 3, rows, (self.spec.max_num_media, 1, 3, height, width))
 
     def order_key(self) -> dict:
         """What fixes this stream's sample order; a state must match it to load."""
