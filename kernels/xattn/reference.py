@@ -1,7 +1,7 @@
 """Media-indexed cross-attention in plain PyTorch: the specification the Triton kernel must meet.
 
 Shapes: B batch, H heads, T text tokens, M media (images) per sample, N latents per image,
-K head dim.
+K head dim; I = B * M images, R chunks of C tokens (S = R * C slots), R_o overflow chunks.
 
 Semantics (OpenFlamingo's `MaskedCrossAttention` with only_attend_immediate_media=True):
 - text_time[b, t] = number of `<image>` tokens at or before t (a cumsum, so non-decreasing in t);
@@ -10,102 +10,113 @@ Semantics (OpenFlamingo's `MaskedCrossAttention` with only_attend_immediate_medi
 - text_time > M (more `<image>` tokens than images): every key is masked, and the reference's
   softmax over all-equal logits is uniform over all M * N keys, i.e. the mean of all values.
 
-`media_attention_gather` costs O(T * N) per sample whatever M is, and the same whatever the
-image positions: `layout.chunk_plan` cuts each image's run of tokens (contiguous, because
-text_time is a cumsum) into chunks of at most C tokens with index tables built once per batch,
-and one SDPA call attends every chunk to its own image (no Python loop over runs, no per-run
-stacking: on CPU the per-call and copy overheads, not the arithmetic, dominate when images are
-many and runs short).
+`media_attention_gather` costs O(T * N) per sample whatever M is, and about the same whatever the
+image positions: `layout.plan_for` cuts each image's run of tokens (contiguous, because text_time
+is a cumsum) into chunks of C tokens with index tables built once per batch, and `_ChunkAttention`
+(an autograd Function with a hand-written backward) runs every chunk against its own image's N
+latents with a fixed number of batched matmuls: no Python loop over runs, no per-run stacking, no
+zero-filled scatter in backward (on CPU the per-call and copy overheads, not the arithmetic,
+dominate when images are many and runs short).
 `media_attention_dense` builds the full T x (M * N) masked score matrix, as OpenFlamingo does;
 it is kept as a second reference for tests and benchmarks.
 """
 
 from __future__ import annotations
 
-import warnings
-
 import torch
-import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
-from .layout import ChunkPlan, chunk_plan
+from .layout import ChunkPlan, plan_for
 
 
-class _TokensToSlots(torch.autograd.Function):
-    """rows[slot] = tokens[plan.slot_token[slot]]; backward reads each token's own slot back.
+def _groups(rows: torch.Tensor, plan: ChunkPlan, heads: int) -> list[torch.Tensor]:
+    """Slot-major rows (S * H [+ extra], D) as batched matrices: [(I * H, C, D)] main chunks, plus
+    (R_o * H, C_o, D) overflow chunks when there are any (views, no copy)."""
+    split = plan.num_images * heads * plan.chunk
+    D = rows.shape[-1]
+    out = [rows[:split].view(-1, plan.chunk, D)]
+    if plan.num_over:
+        out.append(rows[split:split + plan.num_over * heads * plan.over_chunk].view(-1, plan.over_chunk, D))
+    return out
 
-    Every token with an image owns exactly one slot; padding slots copy a token but their outputs
-    are never read, so their gradient is exactly zero and the backward is a gather, not a scatter.
+
+def _bmm_groups(a: list[torch.Tensor], b: list[torch.Tensor], out: list[torch.Tensor], trans_b: bool) -> None:
+    """out[g] = a[g] @ b[g] (or b[g]^T) for the main and the overflow group."""
+    for x, y, o in zip(a, b, out):
+        torch.bmm(x, y.transpose(1, 2) if trans_b else y, out=o)
+
+
+class _ChunkAttention(torch.autograd.Function):
+    """Attention of every chunk of tokens over its own image's latents, forward and backward by hand.
+
+    forward: scores = q_c k_c^T / sqrt(K), p = softmax(scores), o_c = p v_c per chunk, read back
+    per token (zero / mean-of-values rows for tokens without an image);
+    backward: dv_c = p^T do_c, ds = p * (do_c v_c^T - rowsum(p * do_c v_c^T)), dq_c = ds k_c,
+    dk_c = ds^T q_c; overflow chunks' dk_c, dv_c are added to their image with one index_add_.
+    Main chunks read their image's keys and values in place; only overflow chunks use gathered
+    copies. Computes in fp32 (fp64 for fp64 inputs); outputs and gradients in the inputs' dtypes.
     """
 
     @staticmethod
-    def forward(ctx, tokens: torch.Tensor, plan: ChunkPlan) -> torch.Tensor:  # noqa: D102
-        ctx.plan = plan
-        return tokens.index_select(0, plan.slot_token)
+    def forward(ctx, q, k, v, plan: ChunkPlan):  # noqa: D102 (see the class docstring)
+        B, H, T, K = q.shape
+        M, N = k.shape[1], k.shape[3]
+        cd = torch.float64 if q.dtype == torch.float64 else torch.float32
+        I, SH = plan.num_images, plan.slot_token.numel() * H
+        slot_rows, out_rows, _ = plan.head_rows(H)
+        q_tok = torch.cat([q.transpose(1, 2).reshape(B * T * H, K).to(cd), q.new_zeros(1, K, dtype=cd)])
+        q_c = q_tok.index_select(0, slot_rows)  # (S * H, K)
+        kv = [k.reshape(I * H, N, K).to(cd), v.reshape(I * H, N, K).to(cd)]
+        if plan.num_over:  # gathered copies of the overflow chunks' images
+            kv += [x.view(I, -1).index_select(0, plan.over_image).view(-1, N, K) for x in kv]
+        k_g, v_g = kv[0::2], kv[1::2]
+        scores = q_c.new_empty(SH, N)
+        _bmm_groups(_groups(q_c, plan, H), k_g, _groups(scores, plan, H), trans_b=True)
+        p = scores.mul_(K ** -0.5).softmax(dim=-1)  # (S * H, N)
+        o_rows = q_c.new_empty(SH + 1 + (B * H if plan.any_over else 0), K)  # a zero row, then means
+        _bmm_groups(_groups(p, plan, H), v_g, _groups(o_rows, plan, H), trans_b=False)
+        o_rows[SH].zero_()
+        if plan.any_over:
+            o_rows[SH + 1:] = v.to(cd).mean(dim=(1, 3)).reshape(B * H, K)
+        out = o_rows.index_select(0, out_rows).to(q.dtype).view(B, T, H, K).transpose(1, 2)
+        ctx.save_for_backward(q_c, p, *kv)
+        ctx.plan, ctx.shapes, ctx.dtypes = plan, (B, H, T, K, M, N), (q.dtype, k.dtype, v.dtype)
+        return out
 
     @staticmethod
-    def backward(ctx, grad_slots: torch.Tensor):  # noqa: D102
-        plan = ctx.plan
-        grad = grad_slots.index_select(0, plan.token_slot)
-        if plan.any_no_image or plan.any_over:
-            grad = grad.masked_fill(~plan.has_image.flatten().view(-1, *[1] * (grad.dim() - 1)), 0.0)
-        return grad, None
+    @once_differentiable
+    def backward(ctx, dout):  # noqa: D102
+        q_c, p, *kv = ctx.saved_tensors
+        plan, (B, H, T, K, M, N) = ctx.plan, ctx.shapes
+        k_g, v_g, SH, cd = kv[0::2], kv[1::2], q_c.shape[0], q_c.dtype
+        slot_rows, _, grad_rows = plan.head_rows(H)
+        do_tok = dout.transpose(1, 2).reshape(B * T * H, K).to(cd)
+        do_c = torch.cat([do_tok, do_tok.new_zeros(1, K)]).index_select(0, slot_rows)  # (S * H, K)
+        p_g, do_g = _groups(p, plan, H), _groups(do_c, plan, H)
+        dp = p.new_empty(SH, N)
+        _bmm_groups(do_g, v_g, _groups(dp, plan, H), trans_b=True)
+        dv_g = [torch.bmm(x.transpose(1, 2), y) for x, y in zip(p_g, do_g)]  # (chunks * H, N, K)
+        ds = dp.sub_((p * dp).sum(dim=-1, keepdim=True)).mul_(p).mul_(K ** -0.5)  # (S * H, N)
+        ds_g = _groups(ds, plan, H)
+        dq_rows = q_c.new_empty(SH + 1, K)
+        _bmm_groups(ds_g, k_g, _groups(dq_rows, plan, H), trans_b=False)
+        dq_rows[SH].zero_()
+        dq = dq_rows.index_select(0, grad_rows).to(ctx.dtypes[0]).view(B, T, H, K).transpose(1, 2)
+        dk_g = [torch.bmm(x.transpose(1, 2), y) for x, y in zip(ds_g, _groups(q_c, plan, H))]
+        dk, dv = _sum_chunks(dk_g, plan), _sum_chunks(dv_g, plan)  # (I, H * N * K)
+        if plan.any_over:  # tokens with text_time > M: d mean(v) / dv = 1 / (M * N) for every key
+            d_mean = (plan.over.to(cd)[:, :, None] * do_tok.view(B, T, H * K)).sum(1) / (M * N)  # (B, H * K)
+            dv.view(B, M, H, N, K).add_(d_mean.view(B, 1, H, 1, K))
+        return dq, dk.view(B, M, H, N, K).to(ctx.dtypes[1]), dv.view(B, M, H, N, K).to(ctx.dtypes[2]), None
 
 
-class _SlotsToTokens(torch.autograd.Function):
-    """tokens[t] = rows[plan.token_slot[t]]; backward writes each token's gradient to its slot."""
-
-    @staticmethod
-    def forward(ctx, rows: torch.Tensor, plan: ChunkPlan) -> torch.Tensor:  # noqa: D102
-        ctx.plan = plan
-        return rows.index_select(0, plan.token_slot)
-
-    @staticmethod
-    def backward(ctx, grad_tokens: torch.Tensor):  # noqa: D102
-        plan = ctx.plan
-        if plan.any_no_image or plan.any_over:  # tokens without a slot must not leak into slot 0
-            grad_tokens = grad_tokens.masked_fill(
-                ~plan.has_image.flatten().view(-1, *[1] * (grad_tokens.dim() - 1)), 0.0)
-        grad = grad_tokens.index_select(0, plan.slot_token)
-        return grad.masked_fill(~plan.real_slot.view(-1, *[1] * (grad.dim() - 1)), 0.0), None
-
-
-class _ImagesToChunks(torch.autograd.Function):
-    """rows[r] = images[plan.chunk_image[r]] (main chunks, then overflow chunks); backward sums each
-    image's chunks with one sparse CSR (B * M, B * M + R_o) 0/1 matrix product (index_add_ is
-    20-100x slower on CPU, and one product writes each image's gradient once)."""
-
-    @staticmethod
-    def forward(ctx, images: torch.Tensor, plan: ChunkPlan) -> torch.Tensor:  # noqa: D102
-        ctx.plan = plan
-        return images.index_select(0, plan.chunk_image)
-
-    @staticmethod
-    def backward(ctx, grad_rows: torch.Tensor):  # noqa: D102
-        plan = ctx.plan
-        flat = grad_rows.reshape(grad_rows.shape[0], -1)
-        work = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
-        with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
-            warnings.simplefilter("ignore", UserWarning)
-            summed = plan.image_sum_matrix(work.dtype) @ work  # (B * M, D)
-        return summed.to(grad_rows.dtype).view(plan.num_images, *grad_rows.shape[1:]), None
-
-
-def _chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(K)) v for many small chunks.
-
-    fp32/fp64: two batched matmuls and a softmax (on CPU about 25% faster than SDPA's flash
-    kernel at C x N = 8 x 64, whose backward zero-fills and re-tiles per chunk; the (R, H, C, N)
-    probabilities it keeps are small); 16-bit: SDPA, which accumulates in fp32.
-
-    Args:
-        q: (R, H, C, K); k, v: (R, H, N, K).
-    Returns:
-        (R, H, C, K).
-    """
-    if q.dtype not in (torch.float32, torch.float64):
-        return F.scaled_dot_product_attention(q, k, v)
-    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)  # (R, H, C, N)
-    return torch.matmul(scores.softmax(dim=-1), v)
+def _sum_chunks(chunk_grads: list[torch.Tensor], plan: ChunkPlan) -> torch.Tensor:
+    """Per-chunk gradients [(I * H, N, K), (R_o * H, N, K)] -> (I, H * N * K): each image's main chunk
+    plus its overflow chunks (one index_add_, in place on the main chunks' tensor)."""
+    grad = chunk_grads[0].view(plan.num_images, -1)
+    if plan.num_over:
+        grad.index_add_(0, plan.over_image, chunk_grads[1].view(plan.num_over, -1))
+    return grad
 
 
 def media_attention_gather(
@@ -113,41 +124,24 @@ def media_attention_gather(
 ) -> torch.Tensor:
     """Attention of each text token over the latents of its own image only.
 
-    One SDPA call over the chunks of `layout.chunk_plan` (C queries each, against their image's N
-    latents): the queries and the chunks' keys and values are gathered with index tables, and the
-    outputs read back per token, so the cost depends on T and M only, not on where images sit.
+    Batched matmuls over the chunks of `layout.plan_for` (C queries each, against their image's N
+    latents): the queries are gathered with index tables and the outputs read back per token, so
+    the cost depends on T and M, not on where the images sit. q, k and v are always inputs of one
+    autograd node, so their gradients exist (zeros) even when no token attends to an image.
 
     Args:
         q: (B, H, T, K) queries (unscaled; scaled here by K ** -0.5).
         k: (B, M, H, N, K) keys of every image.
         v: (B, M, H, N, K) values of every image.
         text_time: (B, T) integer media index per token (0 = before the first image).
-        plan: `chunk_plan(text_time, M)` when the caller built it once for several layers.
+        plan: a `layout.chunk_plan(text_time, M)` to use; None for the one `plan_for` keeps per
+            text_time tensor (built on first use, shared by every layer of the batch).
     Returns:
-        (B, H, T, K) attention output (a transposed view of a (B, T, H, K) tensor); rows with
-        text_time == 0 are exactly zero.
+        (B, H, T, K) attention output in q's dtype (a transposed view of a (B, T, H, K) tensor);
+        rows with text_time == 0 are exactly zero.
     """
-    B, H, T, K = q.shape
-    M, N = k.shape[1], k.shape[3]
-    plan = plan if plan is not None else chunk_plan(text_time, M)
-    C, I, R_o = plan.chunk, B * M, plan.num_over
-    if I:
-        R = I + R_o  # chunks: one main chunk per image, then the overflow chunks
-        q_slots = _TokensToSlots.apply(q.transpose(1, 2).reshape(B * T, H, K), plan)  # (R * C, H, K)
-        q_c = q_slots.view(R, C, H, K).transpose(1, 2)  # (R, H, C, K)
-        k_c, v_c = k.reshape(I, H, N, K), v.reshape(I, H, N, K)  # main chunk i reads image i in place
-        if R_o:  # runs longer than C: the overflow chunks need their image's keys gathered
-            k_c, v_c = _ImagesToChunks.apply(k_c, plan), _ImagesToChunks.apply(v_c, plan)  # (R, H, N, K)
-        out_c = _chunk_attention(q_c, k_c, v_c)  # (R, H, C, K)
-        out = _SlotsToTokens.apply(out_c.transpose(1, 2).reshape(R * C, H, K), plan).view(B, T, H, K)
-    else:
-        out = q.new_zeros(B, T, H, K)
-    if plan.any_no_image and I:
-        out = out.masked_fill(plan.no_image[:, :, None, None], 0.0)
-    if plan.any_over:  # all keys masked: uniform attention over every latent of every image
-        mean_v = v.mean(dim=(1, 3))  # (B, H, K)
-        out = torch.where(plan.over[:, :, None, None], mean_v[:, None].to(out.dtype), out)
-    return out.transpose(1, 2)
+    plan = plan if plan is not None else plan_for(text_time, k.shape[1])
+    return _ChunkAttention.apply(q, k, v, plan)
 
 
 def media_attention_dense(

@@ -367,16 +367,17 @@ def _launch_options(q: torch.Tensor) -> dict:
 
 
 def token_ranges(text_time: torch.Tensor, num_media: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`layout.token_ranges` (the same per-batch index table the PyTorch path reads) in int32.
+    """`layout.ranges_for`: the per-batch token-range table of the PyTorch path's plan, in int32,
+    built once per text_time tensor (every layer's backward reuses it; no host sync).
 
     Args:
-        text_time: (B, T) integer media index per token.
+        text_time: (B, T) integer media index per token (the caller's tensor, not a converted copy,
+            so the table is found again).
         num_media: M.
     Returns:
         (lo, hi), each (B, M + 2) int32: tokens with text_time == j lie in [lo[b, j], hi[b, j]).
     """
-    lo, hi = layout.token_ranges(text_time, num_media)
-    return lo.to(torch.int32), hi.to(torch.int32)
+    return layout.ranges_for(text_time, num_media)
 
 
 def media_attention_fwd(
@@ -482,7 +483,7 @@ def media_attention_bwd(
         q, k, v, tt, gate_ptr, dout, lse, r, dq, *common,
         HAS_GATE=gate is not None, BLOCK_T=bt, BLOCK_N=bn, BLOCK_K=bk, **opts,
     )
-    tok_lo, tok_hi = token_ranges(tt, M)
+    tok_lo, tok_hi = token_ranges(text_time, M)
     dk = torch.empty((B, M, H, N, K), dtype=k.dtype, device=k.device)
     dv = torch.empty((B, M, H, N, K), dtype=v.dtype, device=v.device)
     _bwd_dkdv_kernel[(M * triton.cdiv(N, bn), B * H)](

@@ -16,11 +16,11 @@ tanh(g) * to_out(a) == to_out(tanh(g) * a), and the residual add happens in the 
 The head count is read off the projections' output widths (H_local = width / K), so the block runs
 unchanged when tensor parallelism has made to_q / to_kv column-parallel and to_out row-parallel
 (H / tp heads per rank; the TP plan also sums attn_gate's per-rank gradient over the group).
-q, k and v always stay on the autograd graph (+ 0 * their sums): when no token of a micro-batch
-attends to an image the gather reference returns zeros without touching them, and to_q, to_kv and
-the Perceiver would get no gradient on that rank only; ZeRO-2/3 reduce gradients from
-per-parameter hooks in backward, so such a rank would send different buckets from its peers.
-Adding 0.0 changes no value.
+q, k and v always stay on the autograd graph, also when no token of a micro-batch attends to an
+image: both attention paths are one autograd node with q, k and v as inputs whose backward returns
+their (then zero) gradients, so to_q, to_kv and the Perceiver get a gradient on every rank. ZeRO-2/3
+reduce gradients from per-parameter hooks in backward; a rank whose weights fell off the graph would
+send different buckets from its peers (tests/kernels/test_xattn_block.py checks this).
 """
 
 from __future__ import annotations
@@ -74,8 +74,7 @@ class GatedCrossAttentionBlock(nn.Module):
         K = self.dim_head
         q = self.to_q(self.norm(h)).unflatten(-1, (-1, K)).transpose(1, 2)  # (B, H_local, T, K)
         k, v = self.media_kv(media) if media_kv is None else media_kv  # (B, M, H_local, N, K)
+        # one autograd node over q, k, v: every trainable weight stays on the graph (module docstring)
         attn = media_attention(q, k, v, text_time, gate=self.attn_gate, impl=self.impl)  # (B, H_local, T, K)
-        if torch.is_grad_enabled():  # every trainable weight on the graph (module docstring)
-            attn = attn + 0.0 * sum(x.sum(dtype=torch.float32) for x in (q, k, v))
         h = h + self.to_out(attn.transpose(1, 2).flatten(-2))
         return h + torch.tanh(self.ff_gate) * self.ff(h)

@@ -197,11 +197,11 @@ def test_gather_matches_dense(seed):
     assert torch.equal(results[0][0][0, :, :3], torch.zeros(H, 3, K, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("chunk", [None, 1, 3, 8])
+@pytest.mark.parametrize("chunk", [None, (1, 1), (3, 3), (8, 8), (2, 5), (4, 16)])
 def test_chunked_gather_matches_dense_any_layout(chunk):
-    """Every chunk length (main chunks only, overflow chunks, padding) gives the dense result,
-    outputs and gradients, on irregular layouts: text before the first image, empty runs (two
-    markers at one token), one long run, more markers than images."""
+    """Every chunk length pair (main C, overflow C_o: main chunks only, overflow chunks, padding)
+    gives the dense result, outputs and gradients, on irregular layouts: text before the first
+    image, empty runs (two markers at one token), one long run, more markers than images."""
     from megaflamingo.kernels.xattn.layout import chunk_plan
 
     gen = torch.Generator().manual_seed(7)
@@ -212,14 +212,33 @@ def test_chunked_gather_matches_dense_any_layout(chunk):
     k = torch.randn(B, M, H, N, K, generator=gen, dtype=torch.float64, requires_grad=True)
     v = torch.randn(B, M, H, N, K, generator=gen, dtype=torch.float64, requires_grad=True)
     dout = torch.randn(B, H, T, K, generator=gen, dtype=torch.float64)
-    plan = chunk_plan(text_time, M, chunk)
+    plan = chunk_plan(text_time, M, *(chunk or ()))
     results = []
     for out in (media_attention_gather(q, k, v, text_time, plan), media_attention_dense(q, k, v, text_time)):
         results.append((out, *torch.autograd.grad(out, (q, k, v), dout)))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     assert int(plan.real_slot.sum()) == int(plan.has_image.sum())  # one slot per token with an image
-    assert plan.num_over <= B * -(-T // plan.chunk)  # the overflow bound, whatever the layout
+    assert plan.num_over <= B * -(-T // plan.over_chunk)  # the overflow bound, whatever the layout
+
+
+def test_plan_is_built_once_per_text_time_and_picks_chunks_from_the_runs():
+    """plan_for reuses the plan while the text_time tensor is alive and unmodified (every layer of
+    a batch), rebuilds it after an in-place change; evenly spaced images need no overflow chunk."""
+    from megaflamingo.kernels.xattn.layout import plan_for, ranges_for, token_ranges
+
+    T, M = 64, 8
+    text_time = text_time_from_markers(T, list(range(0, T, T // M)))[None]
+    plan = plan_for(text_time, M)
+    assert plan_for(text_time, M) is plan and ranges_for(text_time, M) is ranges_for(text_time, M)
+    assert plan.num_over == 0 and plan.chunk == T // M  # runs of 8 tokens: chunks of 8, no padding
+    assert int(plan.real_slot.sum()) == T
+    text_time[0, -3:] = M + 1  # in place: more markers than images at the end
+    rebuilt = plan_for(text_time, M)
+    assert rebuilt is not plan and rebuilt.any_over
+    lo, hi = ranges_for(text_time, M)
+    assert torch.equal(lo.long(), token_ranges(text_time, M)[0]) and lo.dtype == torch.int32
+    assert torch.equal(hi.long(), token_ranges(text_time, M)[1])
 
 
 def test_auto_on_cpu_is_the_reference():
