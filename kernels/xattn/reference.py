@@ -66,7 +66,7 @@ class _ChunkAttention(torch.autograd.Function):
         slot_rows, out_rows, _ = plan.head_rows(H)
         q_tok = torch.cat([q.transpose(1, 2).reshape(B * T * H, K).to(cd), q.new_zeros(1, K, dtype=cd)])
         q_c = q_tok.index_select(0, slot_rows)  # (S * H, K)
-        kv = [k.reshape(I * H, N, K).to(cd), v.reshape(I * H, N, K).to(cd)]
+        kv = [k.reshape(I * H, N, K).to(cd).contiguous(), v.reshape(I * H, N, K).to(cd).contiguous()]
         if plan.num_over:  # gathered copies of the overflow chunks' images
             kv += [x.view(I, -1).index_select(0, plan.over_image).view(-1, N, K) for x in kv]
         k_g, v_g = kv[0::2], kv[1::2]

@@ -18,9 +18,9 @@ from megaflamingo.models.cross_attention import GatedCrossAttentionBlock
 B, T, M, N, D, DV = 2, 12, 3, 4, 32, 24
 
 
-def make_block() -> GatedCrossAttentionBlock:
+def make_block(heads: int = 2) -> GatedCrossAttentionBlock:
     torch.manual_seed(0)
-    block = GatedCrossAttentionBlock(D, DV, XAttnConfig(heads=2, dim_head=16), impl="reference")
+    block = GatedCrossAttentionBlock(D, DV, XAttnConfig(heads=heads, dim_head=16), impl="reference")
     with torch.no_grad():
         block.attn_gate.fill_(0.5)
         block.ff_gate.fill_(-0.3)
@@ -44,22 +44,30 @@ def test_weights_stay_on_the_graph_without_image_tokens(text_time):
             assert torch.count_nonzero(grad) == 0
 
 
-def test_block_matches_the_dense_mask():
+@pytest.mark.parametrize("heads", [1, 2])
+def test_block_matches_the_dense_mask(heads):
     """The block's attention (gather, gate in the epilogue) equals OpenFlamingo's dense masked
-    attention put through the same projections: output and every gradient (fp64)."""
-    block = make_block().double()
+    attention put through the same projections: output and every gradient (fp64). The keys and
+    values are strided views of the to_kv output, as in the model (with one local head, as under
+    tensor parallelism, they reshape to strided views rather than copies); one long run makes
+    the plan use overflow chunks."""
+    block = make_block(heads).double()
     gen = torch.Generator().manual_seed(1)
+    T = 40
     h = torch.randn(B, T, D, generator=gen, dtype=torch.float64)
     media = torch.randn(B, M, N, DV, generator=gen, dtype=torch.float64)
-    text_time = torch.tensor([[0, 0, 1, 1, 1, 2, 2, 3, 3, 3, 3, 3], [1, 1, 1, 1, 1, 1, 1, 1, 2, 4, 4, 4]])
+    text_time = torch.tensor([[0, 0, 1, 2] + [3] * (T - 4), [1] * 30 + [2] * 6 + [4] * 4])
 
     def dense_block(h, media):
-        q = block.to_q(block.norm(h)).unflatten(-1, (-1, 16)).transpose(1, 2)
+        q = block.to_q(block.norm(h)).unflatten(-1, (-1, 16)).transpose(1, 2)  # (B, H, T, K)
         k, v = block.media_kv(media)
         attn = torch.tanh(block.attn_gate) * media_attention_dense(q, k, v, text_time)
         h = h + block.to_out(attn.transpose(1, 2).flatten(-2))
         return h + torch.tanh(block.ff_gate) * block.ff(h)
 
+    from megaflamingo.kernels.xattn.layout import plan_for
+
+    assert plan_for(text_time, M).num_over > 0
     results = []
     for fn in (lambda h, m: block(h, m, text_time), dense_block):
         hh, mm = h.clone().requires_grad_(), media.clone().requires_grad_()
