@@ -42,6 +42,7 @@ from megaflamingo.models.attention import (
 )
 from megaflamingo.models.embedding import TokenEmbedding
 from megaflamingo.models.families import family_of
+from megaflamingo.models.recompute import frozen_swiglu, recompute_usable
 from megaflamingo.models.rope import apply_rope, head_dim, rope_cos_sin, rotary_dims, validate_rope
 
 
@@ -256,7 +257,15 @@ class MLP(nn.Module):
         """Args: x (B, T, D) normed input. Returns: (B, T, D)."""
         if self.gate_proj is None:
             return self.down_proj(self.act(self.up_proj(x)))
+        if self._recompute_silu(x):  # saves gate(x) and up(x) only; same values and gradients
+            return frozen_swiglu(x, self.gate_proj, self.up_proj, self.down_proj)
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+    def _recompute_silu(self, x: torch.Tensor) -> bool:
+        """Whether `frozen_swiglu` applies: SiLU gate, frozen plain projections, x needing a gradient."""
+        return (self.act is F.silu and x.requires_grad
+                and not any(p.requires_grad for p in self.parameters())
+                and recompute_usable(x, self.gate_proj, self.up_proj, self.down_proj))
 
 
 class DecoderLayer(nn.Module):

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megaflamingo.config import PerceiverConfig
+from megaflamingo.models.recompute import feed_forward, recompute_usable
 
 
 class FeedForward(nn.Module):
@@ -26,6 +27,10 @@ class FeedForward(nn.Module):
         self.down = nn.Linear(dim * mult, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Args: x (..., D). Returns: (..., D). While training, LayerNorm and GELU are recomputed
+        in backward instead of saved (`models.recompute.feed_forward`: same values, same gradients)."""
+        if x.requires_grad and recompute_usable(x, self.norm, self.up, self.down):
+            return feed_forward(x, self.norm, self.up, self.down)
         return self.down(F.gelu(self.up(self.norm(x))))
 
 
