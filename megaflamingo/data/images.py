@@ -110,9 +110,9 @@ class ImageTransform:
         image = self.pil_stage(image)
         if flip:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        target = out.numpy()
-        for c, band in enumerate(image.split()):  # R, G, B planes, each (H, W) uint8
-            np.take(self.lut[c], np.asarray(band), out=target[c], mode="wrap")  # uint8: in range
+        target, pixels = out.numpy(), np.asarray(image)  # (H, W, 3) uint8, one copy out of PIL
+        for c in range(3):  # R, G, B
+            np.take(self.lut[c], pixels[:, :, c], out=target[c], mode="wrap")  # uint8: in range
 
     def __call__(self, image: Image.Image, flip: bool = False) -> torch.Tensor:
         """One image -> (3, H, W) float32 tensor."""
