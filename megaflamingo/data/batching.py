@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import get_worker_info
@@ -85,8 +86,8 @@ class TextEncoder:
         """Returns (input_ids (T,) int64, attention_mask (T,) int64)."""
         if self.backend is not None:
             enc = self.backend.encode(text, add_special_tokens=True)
-            return (torch.tensor(enc.ids, dtype=torch.long),
-                    torch.tensor(enc.attention_mask, dtype=torch.long))
+            return (torch.from_numpy(np.array(enc.ids, dtype=np.int64)),
+                    torch.from_numpy(np.array(enc.attention_mask, dtype=np.int64)))
         out = self.tokenizer(text, max_length=self.seq_len, truncation=True, padding="max_length",
                              padding_side="right")
         return (torch.tensor(out["input_ids"], dtype=torch.long),

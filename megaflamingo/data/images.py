@@ -11,8 +11,8 @@ horizontally with probability 0.5 (reference §4.1). `ImageTransform` builds tha
   float32 operations as torchvision's ToTensor + Normalize, so every output element is bitwise
   identical to the open_clip transform, at about a third of the cost.
 
-A flip is applied to the uint8 planes before the lookup, which equals flipping the normalised
-tensor afterwards (what the reference does).
+A flip mirrors the uint8 pixels (a reversed view read by the lookup), which equals flipping the
+normalised tensor afterwards (what the reference does).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def decode_image(raw: bytes) -> Image.Image:
     try:
         with Image.open(io.BytesIO(raw)) as image:
             image.load()
-            return image.convert("RGB")
+            return image if image.mode == "RGB" else image.convert("RGB")
     except Exception as err:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
         raise SkipSample("bad_image") from err
 
@@ -107,10 +107,9 @@ class ImageTransform:
             out: a contiguous float32 view to fill, shape (3, H, W).
             flip: mirror left-right.
         """
-        image = self.pil_stage(image)
+        target, pixels = out.numpy(), np.asarray(self.pil_stage(image))  # (H, W, 3) uint8
         if flip:
-            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        target, pixels = out.numpy(), np.asarray(image)  # (H, W, 3) uint8, one copy out of PIL
+            pixels = pixels[:, ::-1]  # a mirrored view: the lookup below writes it flipped
         for c in range(3):  # R, G, B
             np.take(self.lut[c], pixels[:, :, c], out=target[c], mode="wrap")  # uint8: in range
 

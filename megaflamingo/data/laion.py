@@ -44,10 +44,8 @@ def laion_labels(input_ids: torch.Tensor, tokens: FlamingoTokens) -> torch.Tenso
     Returns:
         labels, same shape.
     """
-    labels = input_ids.clone()
-    labels[input_ids == tokens.pad_token_id] = -100
-    labels[input_ids == tokens.media_token_id] = -100
-    return labels
+    masked = (input_ids == tokens.pad_token_id) | (input_ids == tokens.media_token_id)
+    return input_ids.masked_fill(masked, -100)
 
 
 def read_caption(fields: dict) -> str:

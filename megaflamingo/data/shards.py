@@ -118,7 +118,7 @@ def _octal(field: bytes) -> int:
 def _header_fields(header: bytes) -> tuple[str, int, bytes]:
     """(name, size, type flag) of a 512-byte ustar/gnu header; checks the checksum."""
     stored = _octal(header[148:156])
-    if stored != sum(header[:148]) + 8 * 32 + sum(header[156:]):
+    if stored != sum(header) - sum(header[148:156]) + 8 * 32:  # the checksum field as spaces
         raise _BadTar("bad header checksum")
     name = header[:100].split(b"\0", 1)[0]
     if header[257:262] == b"ustar" and header[345:346] != b"\0":
