@@ -1,7 +1,7 @@
 """Data pipeline throughput: megaflamingo's loaders vs open_flamingo's own preprocessing, same shards.
 
     python benchmarks/data_pipeline.py [--limit 2000] [--workers 2] [--batch-size 16]
-        [--rounds 5] [--laion-batches 80] [--mmc4-batches 24] [--image-size 224] [--json PATH]
+        [--rounds 5] [--laion-batches 110] [--mmc4-batches 24] [--image-size 224] [--json PATH]
 
 Writes easy-vqa shards (launcher/prepare_data.py's writer) into a temp dir, then per stream runs
 the two pipelines in turns, `--rounds` times (ours, theirs, then theirs, ours, ...), with the same
@@ -177,7 +177,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=5, help="turns of each pipeline per stream")
-    parser.add_argument("--laion-batches", type=int, default=80, help="timed batches per round")
+    parser.add_argument("--laion-batches", type=int, default=110, help="timed batches per round")
     parser.add_argument("--mmc4-batches", type=int, default=24, help="timed batches per round")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--json", default=None)
