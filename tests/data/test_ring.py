@@ -42,3 +42,29 @@ def test_mixed_step_is_concatenated_and_its_slot_rows_released_at_once():
     assert written(ring, 1, 0, 9.0) is not None  # the copy freed worker 0's rows
     assert images.tolist()[0] == [7.0] * 3  # the concatenation does not alias the slot
     assert ring.claim(1, 1) is not None  # worker 1's rows were never claimed
+
+
+def test_loader_steps_from_reused_slots_equal_in_process_steps(easy_vqa_dir, tokenizer_dir,
+                                                                tokenizer):
+    """A consumer that drops each step: slots are rewritten lap after lap, and every step (and
+    the resume state) equals the in-process loader's; shapes and flips vary per step (MMC4)."""
+    import itertools
+
+    from megaflamingo.data.loader import build_stream_loader
+    from tests.data.common import make_config, stream
+
+    def steps(workers: int) -> tuple[list, dict]:
+        cfg = make_config(tokenizer_dir, {
+            "mmc4": stream(str(easy_vqa_dir / "mmc4/{00000..00003}.tar"), batch_size=4,
+                           micro_batch_size=2, seq_len=64, max_num_media=3),
+            "mmc4_options": {"min_image_bytes": 0}, "workers": workers})
+        loader = build_stream_loader(cfg, "mmc4", tokenizer, 0, 1)
+        copies = [[{k: v.clone() for k, v in mb.items()} for mb in step]  # views dropped here
+                  for step in itertools.islice(iter(loader), 17)]  # > 3 laps of 5 slots
+        return copies, loader.state_dict()
+
+    (ours, state), (reference, ref_state) = steps(2), steps(0)
+    assert state == ref_state
+    for step, ref_step in zip(ours, reference, strict=True):
+        for mb, ref_mb in zip(step, ref_step, strict=True):
+            assert all(torch.equal(mb[k], ref_mb[k]) for k in ref_mb)
