@@ -12,7 +12,8 @@ Which samples form a step does not depend on dp or the worker count (dealing.py)
 readers deal each global batch, a DP rank reads only the readers of its slice, its DataLoader
 workers split those readers into consecutive runs. Each worker yields, per step, the chunks
 (batch_size / C samples) of its readers collated into one batch, with each reader's position
-after its chunk; torch's DataLoader
+after its chunk; the images go straight into the step's slot of a shared-memory ring (ring.py), so
+the main process hands out a step without copying it; torch's DataLoader
 returns worker items strictly round-robin, so the main process assembles a step from one item of
 each worker and knows every reader's position for everything it has handed out. The state is
 those positions (and skip counts), one per reader, so it resumes on any layout. Streams are
