@@ -20,8 +20,9 @@ its way (AdamW on its trainable set: Perceiver, cross-attention, the whole input
 the gradient rows of the two new tokens kept); megaflamingo's model gets the very same weights
 (`copy_reference_weights`) and trains with its own step: forward to the final hidden states, the
 fused linear + cross-entropy loss (`training.loss.head_loss`; `--loss plain`: full logits and
-`flamingo_loss`), backward, gradient clipping, AdamW on its trainable set (`--step plain`, the
-default: that step written out in this file; `--step engine`: the DeepSpeed engine of
+`flamingo_loss`), backward, gradient clipping, and the trainer's optimizer from
+`training.engine.build_optimizer` (fused AdamW, weight decay on the cross-attention blocks as in
+OpenFlamingo's recipe) (`--step plain`, the default: that step written out in this file; `--step engine`: the DeepSpeed engine of
 `training.engine.build_engine` and the step function of `training.step`, what the trainer runs,
 with `model.kernels.fused_loss` set from --loss). Both run in this process,
 taking turns in every repeat (a loaded machine slows both alike); the first losses (identical
@@ -101,12 +102,12 @@ class MegaflamingoTrainer:
 
     def __init__(self, cfg: Config, model: torch.nn.Module, loss: str = "fused") -> None:
         self.model, self.loss_kind = model.train(), loss
+        from megaflamingo.training.engine import build_optimizer
+
         self.params = [p for p in model.parameters() if p.requires_grad]
-        o = cfg.optim
-        self.opt = torch.optim.AdamW(self.params, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                                     weight_decay=o.weight_decay)
-        self.grad_clip = o.grad_clip
-        self.name = f"megaflamingo ({loss} loss), AdamW, fp32"
+        self.opt = build_optimizer(cfg, model, zero_stage=0)  # the trainer's optimizer, built its way
+        self.grad_clip = cfg.optim.grad_clip
+        self.name = f"megaflamingo ({loss} loss), {type(self.opt).__name__} (fused), fp32"
 
     def forward(self, batch: dict) -> torch.Tensor:
         from megaflamingo.training.loss import flamingo_loss, head_loss
