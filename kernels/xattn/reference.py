@@ -40,6 +40,16 @@ def _groups(rows: torch.Tensor, plan: ChunkPlan, heads: int) -> list[torch.Tenso
     return out
 
 
+def _token_rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, H, T, K) -> token-major rows (B * T * H + 1, K) in `dtype`, the last row zero (what
+    padding slots read). One strided copy (no transposed copy plus a concatenation)."""
+    B, H, T, K = x.shape
+    rows = x.new_empty(B * T * H + 1, K, dtype=dtype)
+    rows[:-1].view(B, T, H, K).copy_(x.transpose(1, 2))
+    rows[-1].zero_()
+    return rows
+
+
 def _bmm_groups(a: list[torch.Tensor], b: list[torch.Tensor], out: list[torch.Tensor], trans_b: bool) -> None:
     """out[g] = a[g] @ b[g] (or b[g]^T) for the main and the overflow group."""
     for x, y, o in zip(a, b, out):
@@ -64,8 +74,7 @@ class _ChunkAttention(torch.autograd.Function):
         cd = torch.float64 if q.dtype == torch.float64 else torch.float32
         I, SH = plan.num_images, plan.slot_token.numel() * H
         slot_rows, out_rows, _ = plan.head_rows(H)
-        q_tok = torch.cat([q.transpose(1, 2).reshape(B * T * H, K).to(cd), q.new_zeros(1, K, dtype=cd)])
-        q_c = q_tok.index_select(0, slot_rows)  # (S * H, K)
+        q_c = _token_rows(q, cd).index_select(0, slot_rows)  # (S * H, K)
         kv = [k.reshape(I * H, N, K).to(cd).contiguous(), v.reshape(I * H, N, K).to(cd).contiguous()]
         if plan.num_over:  # gathered copies of the overflow chunks' images
             kv += [x.view(I, -1).index_select(0, plan.over_image).view(-1, N, K) for x in kv]
@@ -90,8 +99,8 @@ class _ChunkAttention(torch.autograd.Function):
         plan, (B, H, T, K, M, N) = ctx.plan, ctx.shapes
         k_g, v_g, SH, cd = kv[0::2], kv[1::2], q_c.shape[0], q_c.dtype
         slot_rows, _, grad_rows = plan.head_rows(H)
-        do_tok = dout.transpose(1, 2).reshape(B * T * H, K).to(cd)
-        do_c = torch.cat([do_tok, do_tok.new_zeros(1, K)]).index_select(0, slot_rows)  # (S * H, K)
+        do_tok = _token_rows(dout, cd)  # (B * T * H + 1, K)
+        do_c = do_tok.index_select(0, slot_rows)  # (S * H, K)
         p_g, do_g = _groups(p, plan, H), _groups(do_c, plan, H)
         dp = p.new_empty(SH, N)
         _bmm_groups(do_g, v_g, _groups(dp, plan, H), trans_b=True)
@@ -105,7 +114,7 @@ class _ChunkAttention(torch.autograd.Function):
         dk_g = [torch.bmm(x.transpose(1, 2), y) for x, y in zip(ds_g, _groups(q_c, plan, H))]
         dk, dv = _sum_chunks(dk_g, plan), _sum_chunks(dv_g, plan)  # (I, H * N * K)
         if plan.any_over:  # tokens with text_time > M: d mean(v) / dv = 1 / (M * N) for every key
-            d_mean = (plan.over.to(cd)[:, :, None] * do_tok.view(B, T, H * K)).sum(1) / (M * N)  # (B, H * K)
+            d_mean = (plan.over.to(cd)[:, :, None] * do_tok[:-1].view(B, T, H * K)).sum(1) / (M * N)  # (B, H * K)
             dv.view(B, M, H, N, K).add_(d_mean.view(B, 1, H, 1, K))
         return dq, dk.view(B, M, H, N, K).to(ctx.dtypes[1]), dv.view(B, M, H, N, K).to(ctx.dtypes[2]), None
 
