@@ -114,9 +114,15 @@ def _forward(hidden: torch.Tensor, weight: torch.Tensor, added: torch.Tensor | N
     dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_dw else None
     da = torch.zeros(added.shape, dtype=torch.float32, device=added.device) if want_da else None
     C = chunk_tokens or default_chunk_tokens(V_local)
+    # one logit buffer for every chunk: a fresh (C, V_local) allocation per chunk costs page faults
+    buf = torch.empty(min(C, rows.numel()), V_local, dtype=torch.float32, device=hidden.device)
     for lo in range(0, rows.numel(), C):
         h, t, s = h_all[lo:lo + C], local_t[lo:lo + C], s_all[lo:lo + C].float()
-        z = (h @ weight.t()).float()  # (C, V_local)
+        z = buf[:h.shape[0]]  # (C, V_local)
+        if weight.dtype == torch.float32:
+            torch.mm(h, weight.t(), out=z)
+        else:
+            z.copy_(h @ weight.t())
         if cols is not None and cols.numel():
             z[:, cols] = (h @ added[mine].t()).float()
         peak = _all_reduce(steps.row_peak(z), group, dist.ReduceOp.MAX)
@@ -128,7 +134,10 @@ def _forward(hidden: torch.Tensor, weight: torch.Tensor, added: torch.Tensor | N
             g[:, cols] = 0.0  # those columns come from `added`, not from the base rows
         g = g.to(weight.dtype)
         if want_dh:
-            dh[lo:lo + C] = g @ weight
+            if dh.dtype == g.dtype:
+                torch.mm(g, weight, out=dh[lo:lo + C])
+            else:
+                dh[lo:lo + C] = g @ weight
             if g_added is not None:
                 dh[lo:lo + C] += g_added.to(weight.dtype) @ added[mine]
         if want_dw:

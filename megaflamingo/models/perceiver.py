@@ -57,7 +57,10 @@ class PerceiverAttention(nn.Module):
         def heads(x: torch.Tensor) -> torch.Tensor:  # (B, M, L, H*K) -> (B, M, H, L, K)
             return x.unflatten(-1, (self.heads, self.dim_head)).transpose(2, 3)
 
-        out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v))  # (B, M, H, N, K)
+        # 4-D (B * M, H, L, K): SDPA's fused CPU kernel (saves q, k, v, out and the log-sum-exp; 5-D
+        # inputs take the math path, which also saves the score and probability matrices)
+        q, k, v = (heads(x).flatten(0, 1) for x in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v).unflatten(0, (B, M))  # (B, M, H, N, K)
         return self.to_out(out.transpose(2, 3).flatten(-2))
 
 

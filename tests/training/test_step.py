@@ -40,6 +40,23 @@ def test_a_non_finite_gradient_skips_the_whole_update_and_says_so():
     assert not opt.overflow and not torch.equal(before[0], params[0])
 
 
+def test_the_guard_tells_huge_finite_gradients_from_non_finite_ones():
+    """The guard sums each gradient in float64: finite values near float32's maximum (whose float32
+    sum overflows) are a step; +Inf and -Inf together (a float sum of NaN) are not."""
+    params, opt = _two_groups()
+    for p in params:
+        p.grad = torch.full_like(p, 3.0e38)
+    assert not opt._any_rank_non_finite()
+    params[1].grad[0], params[1].grad[1] = float("inf"), -float("inf")
+    assert opt._any_rank_non_finite()
+    half = torch.nn.Parameter(torch.zeros(5, dtype=torch.bfloat16))
+    half_opt = SkipNonFiniteAdamW([half], lr=0.1)
+    half.grad = torch.full_like(half, 3.0e38)
+    assert not half_opt._any_rank_non_finite()
+    half.grad[3] = float("nan")
+    assert half_opt._any_rank_non_finite()
+
+
 def test_the_guard_is_what_protects_the_weights():
     params, opt = _two_groups()
     opt.active = False  # as when DeepSpeed wraps it and checks the norm itself
