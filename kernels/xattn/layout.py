@@ -1,7 +1,7 @@
 """Where each text token's image is: index tables built once per batch, in a fixed number of tensor ops.
 
-Shapes: B batch, T text tokens, M media (images) per sample, C chunk length, R chunks in the batch,
-H heads, S = R * C slots.
+Shapes: B batch, T text tokens, M media (images) per sample, I = B * M images, C chunk length,
+H heads, S slots.
 
 text_time[b, t] is the media index of token t (a cumsum of `<image>` markers, so non-decreasing
 in t): 0 = before the first image, 1..M = image text_time - 1, > M = more markers than images.
@@ -9,16 +9,17 @@ The tokens of one image therefore form one contiguous run. Both cross-attention 
 tables instead of walking the runs in Python:
 
 - `token_ranges`: the [lo, hi) token range of every media index, for the Triton dk/dv kernel;
-- `chunk_plan`: every run cut into chunks of C tokens, each chunk tagged with its image: one main
-  chunk per image (which reads the image's keys in place) plus overflow chunks for runs longer
-  than C, so a fixed number of batched matmuls serves any layout. C is picked per batch from the
-  run lengths (`pick_chunk`: fewest padded slots and chunks), so the slots stay
-  <= T + B * M * (C - 1) for every layout and the cost follows T, not where the images sit.
+- `chunk_plan`: every image's run in one chunk of slots, the images (in order) cut into segments
+  whose chunks share one length C (the longest run of the segment), so that each segment is one
+  batched matmul against its images' keys *in place*: a contiguous slice of the (I * H, N, K)
+  keys, whatever the layout. `pick_segments` chooses the cut that minimises padded slots plus a
+  fixed cost per segment (exact dynamic programming): evenly spaced images make one segment
+  without padding; irregular ones a few segments with little padding, so the cost follows T and
+  M, not where the images sit, and no keys or values are ever copied.
 
 `plan_for` / `ranges_for` return the tables for a text_time tensor, built once and reused while
 that tensor is alive and unmodified: every cross-attention layer of a forward, and its backward,
-share one plan. No Python loop over tokens or runs; one host sync per plan (C and the overflow
-count size the tensors).
+share one plan. No Python loop over tokens; one host sync per plan (the run lengths).
 """
 
 from __future__ import annotations
@@ -28,11 +29,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-# cost of a chunk and of an overflow chunk in units of one padded slot, measured on CPU (fp32, H = 8,
-# N = K = 64, fwd + bwd): a slot (six small matmul rows over 8 heads) about 7 us; an overflow chunk
-# about 0.2 ms more (it copies its image's keys and values, the matmuls read the copies, and the
-# backward adds their gradients back); a chunk's own call overhead is small beside either
-_CHUNK_COST, _OVERFLOW_COST = 1, 27
+# cost of one more segment in units of one slot, measured on CPU (fp32, H = 8, N = K = 64, fwd + bwd,
+# T = 256, M = 33): a slot (one token row of the six small matmuls over every head, its share of the
+# softmax and of the index copies) about 8 us, a segment (six more batched-matmul calls and their
+# views) 20-35 us
+_SEGMENT_COST = 4
 
 
 def token_ranges(text_time: torch.Tensor, num_media: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,54 +56,56 @@ def token_ranges(text_time: torch.Tensor, num_media: int) -> tuple[torch.Tensor,
     return lo, hi
 
 
-def _powers_of_two(lo: int, hi: int) -> list[int]:
-    """lo, 2 lo, 4 lo, ... up to the first value >= hi."""
-    out = [lo]
-    while out[-1] < hi:
-        out.append(out[-1] * 2)
-    return out
+def pick_segments(run_len: list[int], segment_cost: int = _SEGMENT_COST) -> list[int]:
+    """First image of each segment: the cut of the images (in order) of least estimated cost.
 
-
-def pick_chunks(run_len: torch.Tensor, num_tokens: int) -> tuple[int, int]:
-    """Main and overflow chunk lengths (C, C_o) for these runs: least estimated cost.
-
-    Image i takes one main chunk of C tokens and ceil(max(0, run_i - C) / C_o) overflow chunks of
-    C_o tokens. cost = padded slots + _CHUNK_COST * chunks + _OVERFLOW_COST * overflow chunks.
-    Evenly spaced images get C just above their run length (no overflow); a few long runs get
-    long overflow chunks, so few key copies.
+    A segment of images [i, j) pads every run to the longest one in it, C = max(run, 1):
+    cost = (j - i) * C slots + `segment_cost`. Exact dynamic programming over the cut points;
+    the inner loop stops once even a padding-free prefix could not beat the best cut found.
 
     Args:
-        run_len: (B * M,) long, tokens per image.
-        num_tokens: T.
+        run_len: tokens per image, I = B * M values.
+        segment_cost: the cost of one segment in slots.
     Returns:
-        (C, C_o), powers of two in [4, T rounded up], C <= C_o (one host sync).
+        Sorted segment starts, the first 0 (empty for no images).
     """
-    cands = _powers_of_two(4, num_tokens)
-    c = torch.tensor(cands, device=run_len.device)
-    main = c[:, None, None]  # (n, 1, 1): C
-    over = c[None, :, None]  # (1, n, 1): C_o
-    over_chunks = ((run_len - main).clamp(min=0) + over - 1) // over  # (n, n, B * M)
-    cost = (main + _CHUNK_COST + over_chunks * (over + _CHUNK_COST + _OVERFLOW_COST)).sum(-1)  # (n, n)
-    cost = cost.masked_fill(main[..., 0] > over[..., 0], torch.iinfo(cost.dtype).max)
-    best = int(cost.argmin())
-    return cands[best // len(cands)], cands[best % len(cands)]
+    I = len(run_len)
+    floor = [0] * (I + 1)  # floor[i]: slots of images < i without padding, a lower bound of best[i]
+    for i, r in enumerate(run_len):
+        floor[i + 1] = floor[i] + max(r, 1)
+    best, cut = [0] * (I + 1), [0] * (I + 1)
+    for j in range(1, I + 1):
+        top, least, arg = 1, None, j - 1
+        for i in range(j - 1, -1, -1):
+            top = max(top, run_len[i])
+            span = (j - i) * top
+            if least is not None and floor[i] + span >= least:  # floor[i] + span never falls as i falls
+                break
+            cost = best[i] + span
+            if least is None or cost < least:
+                least, arg = cost, i
+        best[j], cut[j] = least + segment_cost, arg
+    starts, j = [], I
+    while j > 0:
+        j = cut[j]
+        starts.append(j)
+    return starts[::-1]
 
 
 @dataclass(frozen=True)
 class ChunkPlan:
-    """Runs of tokens cut into chunks, each chunk attending to one image.
+    """Every image's run of tokens in one chunk of slots; images cut into segments of equal chunks.
 
-    Every image owns one "main" chunk (its first C tokens, padded): main chunk i attends to image
-    i = b * M + m, so its keys need no copy. Longer runs continue in "overflow" chunks of C_o
-    tokens, which read their image's keys through `over_image`. Slots: I * C main slots, then
-    R_o * C_o overflow slots; S = I * C + R_o * C_o.
+    Segment s holds images [i0, i1) (flat index b * M + m, in order), each with a chunk of C_s
+    slots (C_s >= every run in it): its rows form one (n_s * H, C_s, D) batch against the images'
+    keys in place, (n_s * H, N, K) slices of the (I * H, N, K) keys. Slots of segment s start at
+    the segment's base, image i's chunk at base_i = base_s + (i - i0) * C_s.
 
     Attributes:
-        chunk: C, main chunk length.
-        over_chunk: C_o, overflow chunk length.
+        segments: ((i0, i1, C, base), ...) per segment, Python ints.
         num_images: I = B * M.
-        num_over: R_o, overflow chunks in the batch (at most B * ceil(T / C_o) whatever the layout).
-        over_image: (R_o,) long, flat image index b * M + m of each overflow chunk (sorted).
+        chunk_base: (I,) long, first slot of each image's chunk.
+        chunk_len: (I,) long, C of each image's segment.
         slot_token: (S,) long, flat token index b * T + t each slot reads; padding slots read B * T.
         token_slot: (B * T,) long, the slot holding each token's output; S for tokens without one.
         has_image: (B, T) bool, tokens that attend to an image (1 <= text_time <= M).
@@ -111,11 +114,10 @@ class ChunkPlan:
         any_no_image, any_over: whether any token is in those cases (Python bools).
     """
 
-    chunk: int
-    over_chunk: int
+    segments: tuple
     num_images: int
-    num_over: int
-    over_image: torch.Tensor
+    chunk_base: torch.Tensor
+    chunk_len: torch.Tensor
     slot_token: torch.Tensor
     token_slot: torch.Tensor
     has_image: torch.Tensor
@@ -130,21 +132,11 @@ class ChunkPlan:
         """(S,) bool: slots that hold a token (False: padding)."""
         return self.slot_token < self.has_image.numel()
 
-    def _slot_row(self, slot: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
-        """Row of (slot, head) in the slot-major layout: main chunk i, head h, position c at
-        (i * H + h) * C + c; overflow chunk j at I * C * H + (j * H + h) * C_o + c."""
-        H, C, Co = heads.numel(), self.chunk, self.over_chunk
-        main_slots = self.num_images * C
-        is_over = slot >= main_slots
-        local = torch.where(is_over, slot - main_slots, slot)
-        length = torch.where(is_over, Co, C)
-        base = torch.where(is_over, main_slots * H, 0)
-        return base + ((local // length) * H + heads) * length + local % length
-
     def head_rows(self, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Row indices between token-major (B * T * H, K) and slot-major (S * H, K) tensors.
 
-        Token row (b * T + t) * H + h; slot rows as `_slot_row`. Built once per head count, kept.
+        Token row (b * T + t) * H + h; slot c of image i, head h at row base_i * H + h * C_i + c
+        (each segment's rows are (n_s * H, C_s) matrices). Built once per head count, kept.
 
         Args:
             heads: H.
@@ -162,12 +154,17 @@ class ChunkPlan:
             h = torch.arange(heads, device=dev)
             B, T = self.has_image.shape
             S = self.slot_token.numel()
-            slots = torch.arange(S, device=dev)[:, None]  # (S, 1)
+            slot_image = torch.repeat_interleave(torch.arange(self.num_images, device=dev), self.chunk_len,
+                                                 output_size=S)  # (S,)
+            base, length = self.chunk_base[slot_image, None], self.chunk_len[slot_image, None]  # (S, 1)
+            offset = torch.arange(S, device=dev)[:, None] - base
+            row_of_slot = base * heads + h * length + offset  # (S, H)
             slot_rows = torch.empty(S * heads, dtype=torch.long, device=dev)
             token_rows = torch.where(self.slot_token[:, None] < B * T, self.slot_token[:, None] * heads + h, B * T * heads)
-            slot_rows[self._slot_row(slots, h).flatten()] = token_rows.flatten()
+            slot_rows[row_of_slot.flatten()] = token_rows.flatten()
             has = self.token_slot[:, None] < S  # (B * T, 1)
-            grad_rows = torch.where(has, self._slot_row(self.token_slot.clamp(max=max(S - 1, 0))[:, None], h), S * heads)
+            token_row = row_of_slot[self.token_slot.clamp(max=S - 1)] if S else h.expand(B * T, heads)
+            grad_rows = torch.where(has, token_row, S * heads)  # (B * T, H)
             out_rows = grad_rows
             if self.any_over:
                 b = torch.arange(B, device=dev).repeat_interleave(T)[:, None]  # (B * T, 1)
@@ -176,46 +173,45 @@ class ChunkPlan:
         return self._rows[heads]
 
 
-def chunk_plan(text_time: torch.Tensor, num_media: int, chunk: int | None = None,
-               over_chunk: int | None = None) -> ChunkPlan:
-    """Cut every image's run of tokens into a main chunk and overflow chunks (see ChunkPlan).
+def chunk_plan(text_time: torch.Tensor, num_media: int, starts: list[int] | None = None) -> ChunkPlan:
+    """One chunk of slots per image, images cut into segments of equal chunk length (see ChunkPlan).
 
     Args:
         text_time: (B, T) integer media index per token, non-decreasing along T.
         num_media: M.
-        chunk: C, or None to pick C and C_o from the run lengths (`pick_chunks`).
-        over_chunk: C_o (default: C when `chunk` is given).
+        starts: first image (flat b * M + m) of each segment, sorted, starting at 0; None for the
+            cut `pick_segments` finds from the run lengths.
     Returns:
-        The ChunkPlan.
+        The ChunkPlan (one host sync: the run lengths).
     """
     B, T = text_time.shape
-    M, dev = num_media, text_time.device
+    M, dev, I = num_media, text_time.device, B * num_media
     tt = text_time.long()
     lo, hi = token_ranges(tt, M)
-    start = lo[:, 1:M + 1].flatten()  # (B * M,) first token of each image's run
-    run_len = (hi - lo).clamp(min=0)[:, 1:M + 1].flatten()  # (B * M,)
-    if chunk is None:
-        C, Co = pick_chunks(run_len, T) if M else (4, 4)
-    else:
-        C, Co = chunk, over_chunk or chunk
-    over_count = ((run_len - C).clamp(min=0) + Co - 1) // Co  # chunks after the main one
-    first_over = over_count.cumsum(0) - over_count  # (B * M,)
-    R_o = int(over_count.sum())
+    start = lo[:, 1:M + 1].flatten()  # (I,) first token of each image's run
+    run_len = (hi - lo).clamp(min=0)[:, 1:M + 1].flatten()  # (I,)
+    runs = run_len.tolist()
+    starts = pick_segments(runs) if starts is None else list(starts)
+    segments, lengths, base = [], [], 0
+    for i0, i1 in zip(starts, starts[1:] + [I]):
+        C = max([1, *runs[i0:i1]])
+        segments.append((i0, i1, C, base))
+        lengths += [C] * (i1 - i0)
+        base += (i1 - i0) * C
+    chunk_len = torch.tensor(lengths, dtype=torch.long, device=dev)
+    chunk_base = chunk_len.cumsum(0) - chunk_len
     has_image = (tt >= 1) & (tt <= M)  # (B, T)
     no_image, over = tt == 0, tt > M
-    image = ((tt - 1).clamp(0, max(M - 1, 0)) + torch.arange(B, device=dev)[:, None] * M).flatten()
-    in_run = torch.arange(T, device=dev).repeat(B) - start[image] if M else torch.zeros_like(image)
-    main_slot = image * C + in_run
-    in_over = (in_run - C).clamp(min=0)
-    over_slot = B * M * C + (first_over[image] + in_over // Co) * Co + in_over % Co if M else main_slot
-    num_slots = B * M * C + R_o * Co
-    has = has_image.flatten()
-    slot = torch.where(has, torch.where(in_run < C, main_slot, over_slot), num_slots)  # (B * T,)
-    slot_token = torch.full((num_slots + 1,), B * T, dtype=torch.long, device=dev)
+    if M:
+        image = ((tt - 1).clamp(0, M - 1) + torch.arange(B, device=dev)[:, None] * M).flatten()  # (B * T,)
+        slot = chunk_base[image] + torch.arange(T, device=dev).repeat(B) - start[image]
+    else:
+        slot = torch.zeros(B * T, dtype=torch.long, device=dev)
+    slot = torch.where(has_image.flatten(), slot, base)  # (B * T,)
+    slot_token = torch.full((base + 1,), B * T, dtype=torch.long, device=dev)
     slot_token[slot] = torch.arange(B * T, device=dev)  # tokens without a slot land in the extra entry
-    over_image = torch.repeat_interleave(torch.arange(B * M, device=dev), over_count, output_size=R_o)
-    return ChunkPlan(C, Co, B * M, R_o, over_image, slot_token[:num_slots], slot, has_image, no_image, over,
-                     bool(no_image.any()), bool(over.any()))
+    return ChunkPlan(tuple(segments), I, chunk_base, chunk_len, slot_token[:base], slot, has_image, no_image,
+                     over, bool(no_image.any()), bool(over.any()))
 
 
 class _LastTable:

@@ -1,7 +1,7 @@
 """Media-indexed cross-attention in plain PyTorch: the specification the Triton kernel must meet.
 
 Shapes: B batch, H heads, T text tokens, M media (images) per sample, N latents per image,
-K head dim; I = B * M images, R chunks of C tokens (S = R * C slots), R_o overflow chunks.
+K head dim; I = B * M images, S slots (one chunk of slots per image).
 
 Semantics (OpenFlamingo's `MaskedCrossAttention` with only_attend_immediate_media=True):
 - text_time[b, t] = number of `<image>` tokens at or before t (a cumsum, so non-decreasing in t);
@@ -11,10 +11,11 @@ Semantics (OpenFlamingo's `MaskedCrossAttention` with only_attend_immediate_medi
   softmax over all-equal logits is uniform over all M * N keys, i.e. the mean of all values.
 
 `media_attention_gather` costs O(T * N) per sample whatever M is, and about the same whatever the
-image positions: `layout.plan_for` cuts each image's run of tokens (contiguous, because text_time
-is a cumsum) into chunks of C tokens with index tables built once per batch, and `_ChunkAttention`
-(an autograd Function with a hand-written backward) runs every chunk against its own image's N
-latents with a fixed number of batched matmuls: no Python loop over runs, no per-run stacking, no
+image positions: `layout.plan_for` gives each image's run of tokens (contiguous, because text_time
+is a cumsum) one chunk of slots, with index tables built once per batch, and cuts the images into
+a few segments of equal chunk length; `_ChunkAttention` (an autograd Function with a hand-written
+backward) runs each segment against its images' N latents with six batched matmuls that read the
+keys and values in place: no Python loop over runs, no per-run stacking, no key copies, no
 zero-filled scatter in backward (on CPU the per-call and copy overheads, not the arithmetic,
 dominate when images are many and runs short).
 `media_attention_dense` builds the full T x (M * N) masked score matrix, as OpenFlamingo does;
@@ -29,15 +30,23 @@ from torch.autograd.function import once_differentiable
 from .layout import ChunkPlan, plan_for
 
 
-def _groups(rows: torch.Tensor, plan: ChunkPlan, heads: int) -> list[torch.Tensor]:
-    """Slot-major rows (S * H [+ extra], D) as batched matrices: [(I * H, C, D)] main chunks, plus
-    (R_o * H, C_o, D) overflow chunks when there are any (views, no copy)."""
-    split = plan.num_images * heads * plan.chunk
-    D = rows.shape[-1]
-    out = [rows[:split].view(-1, plan.chunk, D)]
-    if plan.num_over:
-        out.append(rows[split:split + plan.num_over * heads * plan.over_chunk].view(-1, plan.over_chunk, D))
-    return out
+def _segments(rows: torch.Tensor, plan: ChunkPlan, heads: int, transpose: bool = False) -> list[torch.Tensor]:
+    """Slot-major rows (S * H [+ extra], D) as one (n_s * H, C_s, D) batch per segment, or its
+    (n_s * H, D, C_s) transpose (views: one as_strided each, the cheapest view op)."""
+    D, at = rows.shape[-1], rows.storage_offset()
+    return [rows.as_strided(((i1 - i0) * heads, D, C) if transpose else ((i1 - i0) * heads, C, D),
+                            (C * D, 1, D) if transpose else (C * D, D, 1), at + base * heads * D)
+            for i0, i1, C, base in plan.segments]
+
+
+def _images(x: torch.Tensor, plan: ChunkPlan, heads: int, transpose: bool = False) -> list[torch.Tensor]:
+    """Contiguous (I * H, N, K) keys, values or their gradients as one (n_s * H, N, K) slice per
+    segment, or its (n_s * H, K, N) transpose (views)."""
+    _, N, K = x.shape
+    at = x.storage_offset()
+    return [x.as_strided(((i1 - i0) * heads, K, N) if transpose else ((i1 - i0) * heads, N, K),
+                         (N * K, 1, K) if transpose else (N * K, K, 1), at + i0 * heads * N * K)
+            for i0, i1, _, _ in plan.segments]
 
 
 def _token_rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -50,21 +59,21 @@ def _token_rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return rows
 
 
-def _bmm_groups(a: list[torch.Tensor], b: list[torch.Tensor], out: list[torch.Tensor], trans_b: bool) -> None:
-    """out[g] = a[g] @ b[g] (or b[g]^T) for the main and the overflow group."""
+def _bmm_segments(a: list[torch.Tensor], b: list[torch.Tensor], out: list[torch.Tensor], scale: float = 1.0) -> None:
+    """out[s] = scale * a[s] @ b[s] per segment (beta = 0: out's old contents are ignored)."""
     for x, y, o in zip(a, b, out):
-        torch.bmm(x, y.transpose(1, 2) if trans_b else y, out=o)
+        torch.baddbmm(o, x, y, beta=0, alpha=scale, out=o)
 
 
 class _ChunkAttention(torch.autograd.Function):
-    """Attention of every chunk of tokens over its own image's latents, forward and backward by hand.
+    """Attention of every image's chunk of tokens over its own latents, forward and backward by hand.
 
-    forward: scores = q_c k_c^T / sqrt(K), p = softmax(scores), o_c = p v_c per chunk, read back
+    forward: scores = q_c k^T / sqrt(K), p = softmax(scores), o_c = p v per image chunk, read back
     per token (zero / mean-of-values rows for tokens without an image);
-    backward: dv_c = p^T do_c, ds = p * (do_c v_c^T - rowsum(p * do_c v_c^T)), dq_c = ds k_c,
-    dk_c = ds^T q_c; overflow chunks' dk_c, dv_c are added to their image with one index_add_.
-    Main chunks read their image's keys and values in place; only overflow chunks use gathered
-    copies. Computes in fp32 (fp64 for fp64 inputs); outputs and gradients in the inputs' dtypes.
+    backward: dv = p^T do_c, ds = p * (do_c v^T - rowsum(p * do_c v^T)), dq_c = ds k / sqrt(K),
+    dk = ds^T q_c / sqrt(K). Six batched matmuls per segment of the plan, all reading the keys and
+    values in place and writing dk, dv in place (one chunk per image: no copies, no index_add).
+    Computes in fp32 (fp64 for fp64 inputs); outputs and gradients in the inputs' dtypes.
     """
 
     @staticmethod
@@ -75,57 +84,48 @@ class _ChunkAttention(torch.autograd.Function):
         I, SH = plan.num_images, plan.slot_token.numel() * H
         slot_rows, out_rows, _ = plan.head_rows(H)
         q_c = _token_rows(q, cd).index_select(0, slot_rows)  # (S * H, K)
-        kv = [k.reshape(I * H, N, K).to(cd).contiguous(), v.reshape(I * H, N, K).to(cd).contiguous()]
-        if plan.num_over:  # gathered copies of the overflow chunks' images
-            kv += [x.view(I, -1).index_select(0, plan.over_image).view(-1, N, K) for x in kv]
-        k_g, v_g = kv[0::2], kv[1::2]
+        k_i = k.reshape(I * H, N, K).to(cd).contiguous()  # no copy for contiguous fp32 / fp64 keys
+        v_i = v.reshape(I * H, N, K).to(cd).contiguous()
         scores = q_c.new_empty(SH, N)
-        _bmm_groups(_groups(q_c, plan, H), k_g, _groups(scores, plan, H), trans_b=True)
-        p = scores.mul_(K ** -0.5).softmax(dim=-1)  # (S * H, N)
+        _bmm_segments(_segments(q_c, plan, H), _images(k_i, plan, H, True), _segments(scores, plan, H),
+                      K ** -0.5)
+        p = scores.softmax(dim=-1)  # (S * H, N)
+        del scores
         o_rows = q_c.new_empty(SH + 1 + (B * H if plan.any_over else 0), K)  # a zero row, then means
-        _bmm_groups(_groups(p, plan, H), v_g, _groups(o_rows, plan, H), trans_b=False)
+        _bmm_segments(_segments(p, plan, H), _images(v_i, plan, H), _segments(o_rows, plan, H))
         o_rows[SH].zero_()
-        if plan.any_over:
-            o_rows[SH + 1:] = v.to(cd).mean(dim=(1, 3)).reshape(B * H, K)
+        if plan.any_over:  # M = 0: every key is masked and there is none, so 0 (as the dense reference)
+            o_rows[SH + 1:] = v_i.view(B, M, H, N, K).sum(dim=(1, 3)).reshape(B * H, K) / max(M * N, 1)
         out = o_rows.index_select(0, out_rows).to(q.dtype).view(B, T, H, K).transpose(1, 2)
-        ctx.save_for_backward(q_c, p, *kv)
+        ctx.save_for_backward(q_c, p, k_i, v_i)
         ctx.plan, ctx.shapes, ctx.dtypes = plan, (B, H, T, K, M, N), (q.dtype, k.dtype, v.dtype)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout):  # noqa: D102
-        q_c, p, *kv = ctx.saved_tensors
+        q_c, p, k_i, v_i = ctx.saved_tensors
         plan, (B, H, T, K, M, N) = ctx.plan, ctx.shapes
-        k_g, v_g, SH, cd = kv[0::2], kv[1::2], q_c.shape[0], q_c.dtype
+        SH, cd = q_c.shape[0], q_c.dtype
         slot_rows, _, grad_rows = plan.head_rows(H)
         do_tok = _token_rows(dout, cd)  # (B * T * H + 1, K)
         do_c = do_tok.index_select(0, slot_rows)  # (S * H, K)
-        p_g, do_g = _groups(p, plan, H), _groups(do_c, plan, H)
+        do_s = _segments(do_c, plan, H)
         dp = p.new_empty(SH, N)
-        _bmm_groups(do_g, v_g, _groups(dp, plan, H), trans_b=True)
-        dv_g = [torch.bmm(x.transpose(1, 2), y) for x, y in zip(p_g, do_g)]  # (chunks * H, N, K)
-        ds = dp.sub_((p * dp).sum(dim=-1, keepdim=True)).mul_(p).mul_(K ** -0.5)  # (S * H, N)
-        ds_g = _groups(ds, plan, H)
+        _bmm_segments(do_s, _images(v_i, plan, H, True), _segments(dp, plan, H))
+        dv = torch.empty_like(v_i)  # (I * H, N, K)
+        _bmm_segments(_segments(p, plan, H, True), do_s, _images(dv, plan, H))
+        ds = dp.sub_((p * dp).sum(dim=-1, keepdim=True)).mul_(p)  # (S * H, N), without the 1 / sqrt(K)
         dq_rows = q_c.new_empty(SH + 1, K)
-        _bmm_groups(ds_g, k_g, _groups(dq_rows, plan, H), trans_b=False)
+        _bmm_segments(_segments(ds, plan, H), _images(k_i, plan, H), _segments(dq_rows, plan, H), K ** -0.5)
         dq_rows[SH].zero_()
         dq = dq_rows.index_select(0, grad_rows).to(ctx.dtypes[0]).view(B, T, H, K).transpose(1, 2)
-        dk_g = [torch.bmm(x.transpose(1, 2), y) for x, y in zip(ds_g, _groups(q_c, plan, H))]
-        dk, dv = _sum_chunks(dk_g, plan), _sum_chunks(dv_g, plan)  # (I, H * N * K)
+        dk = torch.empty_like(k_i)
+        _bmm_segments(_segments(ds, plan, H, True), _segments(q_c, plan, H), _images(dk, plan, H), K ** -0.5)
         if plan.any_over:  # tokens with text_time > M: d mean(v) / dv = 1 / (M * N) for every key
-            d_mean = (plan.over.to(cd)[:, :, None] * do_tok[:-1].view(B, T, H * K)).sum(1) / (M * N)  # (B, H * K)
+            d_mean = (plan.over.to(cd)[:, :, None] * do_tok[:-1].view(B, T, H * K)).sum(1) / max(M * N, 1)
             dv.view(B, M, H, N, K).add_(d_mean.view(B, 1, H, 1, K))
         return dq, dk.view(B, M, H, N, K).to(ctx.dtypes[1]), dv.view(B, M, H, N, K).to(ctx.dtypes[2]), None
-
-
-def _sum_chunks(chunk_grads: list[torch.Tensor], plan: ChunkPlan) -> torch.Tensor:
-    """Per-chunk gradients [(I * H, N, K), (R_o * H, N, K)] -> (I, H * N * K): each image's main chunk
-    plus its overflow chunks (one index_add_, in place on the main chunks' tensor)."""
-    grad = chunk_grads[0].view(plan.num_images, -1)
-    if plan.num_over:
-        grad.index_add_(0, plan.over_image, chunk_grads[1].view(plan.num_over, -1))
-    return grad
 
 
 def media_attention_gather(
@@ -133,10 +133,11 @@ def media_attention_gather(
 ) -> torch.Tensor:
     """Attention of each text token over the latents of its own image only.
 
-    Batched matmuls over the chunks of `layout.plan_for` (C queries each, against their image's N
-    latents): the queries are gathered with index tables and the outputs read back per token, so
-    the cost depends on T and M, not on where the images sit. q, k and v are always inputs of one
-    autograd node, so their gradients exist (zeros) even when no token attends to an image.
+    Batched matmuls over the segments of `layout.plan_for` (one chunk of queries per image, against
+    its image's N latents read in place): the queries are gathered with index tables and the
+    outputs read back per token, so the cost depends on T and M, not on where the images sit.
+    q, k and v are always inputs of one autograd node, so their gradients exist (zeros) even when
+    no token attends to an image.
 
     Args:
         q: (B, H, T, K) queries (unscaled; scaled here by K ** -0.5).

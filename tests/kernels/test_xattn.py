@@ -197,48 +197,128 @@ def test_gather_matches_dense(seed):
     assert torch.equal(results[0][0][0, :, :3], torch.zeros(H, 3, K, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("chunk", [None, (1, 1), (3, 3), (8, 8), (2, 5), (4, 16)])
-def test_chunked_gather_matches_dense_any_layout(chunk):
-    """Every chunk length pair (main C, overflow C_o: main chunks only, overflow chunks, padding)
-    gives the dense result, outputs and gradients, on irregular layouts: text before the first
-    image, empty runs (two markers at one token), one long run, more markers than images."""
+def grads_vs_dense(q, k, v, text_time, plan=None, seed=0):
+    """(output, dq, dk, dv) of the gather (with `plan`) and of the dense reference, same dout."""
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(q.dtype)
+    results = []
+    for out in (media_attention_gather(q, k, v, text_time, plan), media_attention_dense(q, k, v, text_time)):
+        results.append((out, *torch.autograd.grad(out, (q, k, v), dout)))
+    return results
+
+
+# first image of each segment, for B * M = 15 images: one segment, every image alone, a mixed cut
+@pytest.mark.parametrize("starts", [None, [0], list(range(15)), [0, 2, 3, 9, 14]])
+def test_segmented_gather_matches_dense_any_layout(starts):
+    """Every cut of the images into segments (one segment padding every run to the longest, every
+    image alone, a mixed cut, the picked one) gives the dense result, outputs and gradients, on
+    irregular layouts: text before the first image, empty runs (two markers at one token), one
+    long run, more markers than images."""
     from megaflamingo.kernels.xattn.layout import chunk_plan
 
     gen = torch.Generator().manual_seed(7)
     B, H, T, M, N, K = 3, 2, 29, 5, 6, 8
     markers = [[4, 4, 5, 20, 28], [0, 1, 2, 3, 4, 5, 6], [10]]  # row 1: 7 markers for 5 images
     text_time = torch.stack([text_time_from_markers(T, row) for row in markers])
-    q = torch.randn(B, H, T, K, generator=gen, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(B, M, H, N, K, generator=gen, dtype=torch.float64, requires_grad=True)
-    v = torch.randn(B, M, H, N, K, generator=gen, dtype=torch.float64, requires_grad=True)
-    dout = torch.randn(B, H, T, K, generator=gen, dtype=torch.float64)
-    plan = chunk_plan(text_time, M, *(chunk or ()))
-    results = []
-    for out in (media_attention_gather(q, k, v, text_time, plan), media_attention_dense(q, k, v, text_time)):
-        results.append((out, *torch.autograd.grad(out, (q, k, v), dout)))
-    for a, b in zip(*results):
+    q, k, v = (torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
+               for shape in ((B, H, T, K), (B, M, H, N, K), (B, M, H, N, K)))
+    plan = chunk_plan(text_time, M, starts)
+    for a, b in zip(*grads_vs_dense(q, k, v, text_time, plan)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     assert int(plan.real_slot.sum()) == int(plan.has_image.sum())  # one slot per token with an image
-    assert plan.num_over <= B * -(-T // plan.over_chunk)  # the overflow bound, whatever the layout
+    runs = [int((row == m).sum()) for row in text_time for m in range(1, M + 1)]  # tokens per image
+    for i0, i1, C, _ in plan.segments:  # a chunk holds its image's whole run
+        assert C == max([1, *runs[i0:i1]])
+    assert [s[0] for s in plan.segments] == (starts or [s[0] for s in plan.segments])
 
 
-def test_plan_is_built_once_per_text_time_and_picks_chunks_from_the_runs():
+def brute_force_cut(runs: list[int], segment_cost: int) -> int:
+    """Least cost over every cut of the runs into segments (2 ** (I - 1) cuts)."""
+    I, best = len(runs), None
+    for mask in range(2 ** max(I - 1, 0)):
+        starts = [0] + [i + 1 for i in range(I - 1) if mask >> i & 1]
+        cost = sum(segment_cost + (j - i) * max([1, *runs[i:j]]) for i, j in zip(starts, starts[1:] + [I]))
+        best = cost if best is None else min(best, cost)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_pick_segments_finds_the_least_cost_cut(seed):
+    """The dynamic programme (with its early stop) finds a cut as cheap as the brute-force best."""
+    from megaflamingo.kernels.xattn.layout import pick_segments
+
+    gen = torch.Generator().manual_seed(seed)
+    I = 1 + seed % 9
+    runs = (torch.randint(0, 4, (I,), generator=gen) ** 3).tolist()  # 0, 1, 8, 27: mixed lengths
+    for cost in (0, 4, 30):
+        starts = pick_segments(runs, cost)
+        got = sum(cost + (j - i) * max([1, *runs[i:j]]) for i, j in zip(starts, starts[1:] + [I]))
+        assert starts[0] == 0 and starts == sorted(set(starts)) and got == brute_force_cut(runs, cost)
+    assert pick_segments([], 4) == [] and pick_segments([8] * 40, 4) == [0]  # even: one segment
+
+
+# (T, M, <image> positions per row); B = len(rows)
+EDGE_LAYOUTS = {
+    "one_image_one_long_run": (40, 1, [[0], [3]]),
+    "no_images": (12, 0, [[], [2, 5]]),  # M = 0: markers without images read the (empty) mean: 0
+    "every_run_one_token": (24, 24, [list(range(24))]),
+    "text_before_the_first_image": (30, 3, [[9, 10, 25]]),
+    "more_markers_than_images": (16, 2, [[0, 3, 6, 9], [15]]),
+    "different_layouts_per_sample": (33, 4, [[0, 1, 2, 3], [0, 30, 31, 32], [8, 8, 8, 20], []]),
+    "no_tokens": (0, 2, [[], []]),
+}
+
+
+@pytest.mark.parametrize("name", EDGE_LAYOUTS)
+def test_gather_edge_layouts(name):
+    """Layout edge cases against the dense reference in fp64: outputs and every gradient."""
+    T, M, markers = EDGE_LAYOUTS[name]
+    B, H, N, K = len(markers), 2, 5, 8
+    gen = torch.Generator().manual_seed(3)
+    text_time = torch.stack([text_time_from_markers(T, row) for row in markers])
+    q, k, v = (torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
+               for shape in ((B, H, T, K), (B, M, H, N, K), (B, M, H, N, K)))
+    for a, b in zip(*grads_vs_dense(q, k, v, text_time)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gather_low_precision_inputs(dtype):
+    """16-bit and fp32 inputs: computed in fp32, outputs and gradients in the inputs' dtypes, close
+    to the fp64 dense reference."""
+    T, M, markers = 40, 4, [[2, 3, 20, 21], [0, 12, 13, 39]]
+    B, H, N, K = 2, 2, 6, 16
+    gen = torch.Generator().manual_seed(5)
+    text_time = torch.stack([text_time_from_markers(T, row) for row in markers])
+    exact = [torch.randn(*shape, generator=gen, dtype=torch.float64)
+             for shape in ((B, H, T, K), (B, M, H, N, K), (B, M, H, N, K))]
+    low = [x.to(dtype).requires_grad_() for x in exact]
+    ref = grads_vs_dense(*[x.double().detach().requires_grad_() for x in low], text_time)[1]
+    got = grads_vs_dense(*low, text_time)[0]
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for a, b in zip(got, ref):
+        assert a.dtype == dtype and rel_err(a, b) <= tol
+
+
+def test_plan_is_built_once_per_text_time_and_cuts_segments_from_the_runs():
     """plan_for reuses the plan while the text_time tensor is alive and unmodified (every layer of
-    a batch), rebuilds it after an in-place change; evenly spaced images need no overflow chunk."""
+    a batch), rebuilds it after an in-place change; evenly spaced images make one segment without
+    padding, a long run among short ones gets a segment of its own."""
     from megaflamingo.kernels.xattn.layout import plan_for, ranges_for, token_ranges
 
     T, M = 64, 8
     text_time = text_time_from_markers(T, list(range(0, T, T // M)))[None]
     plan = plan_for(text_time, M)
     assert plan_for(text_time, M) is plan and ranges_for(text_time, M) is ranges_for(text_time, M)
-    assert plan.num_over == 0 and plan.chunk == T // M  # runs of 8 tokens: chunks of 8, no padding
-    assert int(plan.real_slot.sum()) == T
+    assert plan.segments == ((0, M, T // M, 0),)  # runs of 8 tokens: chunks of 8, no padding
+    assert int(plan.real_slot.sum()) == T and plan.slot_token.numel() == T
     text_time[0, -3:] = M + 1  # in place: more markers than images at the end
     rebuilt = plan_for(text_time, M)
     assert rebuilt is not plan and rebuilt.any_over
     lo, hi = ranges_for(text_time, M)
     assert torch.equal(lo.long(), token_ranges(text_time, M)[0]) and lo.dtype == torch.int32
     assert torch.equal(hi.long(), token_ranges(text_time, M)[1])
+    long_run = text_time_from_markers(T, [0, 2, 4, 40, 42, 44, 46, 48])[None]  # runs 2, 2, 36, 2, 2, 2, 2, 16
+    assert [(i0, i1) for i0, i1, _, _ in plan_for(long_run, M).segments] == [(0, 2), (2, 3), (3, 7), (7, 8)]
 
 
 def test_auto_on_cpu_is_the_reference():
