@@ -110,8 +110,40 @@ def rope_cos_sin(cfg: LMConfig, seq_len: int, device: torch.device | str,
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
+class _RotateHalf(torch.autograd.Function):
+    """`apply_rope` with a hand-written backward: the same floating-point operations as autograd
+    would run on the plain formula (x * cos + rotate_half(x) * sin), bit for bit, without its
+    negated copy, concatenation and zero-filled slice gradients."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        rot, half = cos.shape[-1], cos.shape[-1] // 2
+        x_rot = x[..., :rot]
+        rotated = x_rot * cos
+        # (-second) * sin == -(second * sin) and a + (-b) == a - b exactly in IEEE arithmetic
+        rotated[..., :half] -= x_rot[..., half:] * sin[..., :half]
+        rotated[..., half:] += x_rot[..., :half] * sin[..., half:]
+        ctx.save_for_backward(cos, sin)
+        return rotated if rot == x.shape[-1] else torch.cat([rotated, x[..., rot:]], dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: D102
+        cos, sin = ctx.saved_tensors
+        rot, half = cos.shape[-1], cos.shape[-1] // 2
+        g_rot = grad[..., :rot]
+        dx_rot = g_rot * cos
+        g_sin = g_rot * sin
+        dx_rot[..., :half] += g_sin[..., half:]  # first half of x feeds the second half via +sin
+        dx_rot[..., half:] -= g_sin[..., :half]  # second half feeds the first half via -sin
+        dx = dx_rot if rot == grad.shape[-1] else torch.cat([dx_rot, grad[..., rot:]], dim=-1)
+        return dx, None, None
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the first R dims of each head (rotate-half pairing: i with i + R/2).
+
+    out = x * cos + rotate_half(x) * sin, rotate_half(x) = [-x[R/2:R], x[:R/2]], with the same
+    rounding as that formula (and its autograd gradient) but fewer temporaries (`_RotateHalf`).
 
     Args:
         x: (B, H, T, K).
@@ -119,8 +151,4 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     Returns:
         (B, H, T, K); dims R..K pass through unchanged.
     """
-    rot = cos.shape[-1]
-    x_rot, x_pass = x[..., :rot], x[..., rot:]
-    first, second = x_rot[..., : rot // 2], x_rot[..., rot // 2:]
-    rotated = x_rot * cos + torch.cat([-second, first], dim=-1) * sin
-    return rotated if x_pass.shape[-1] == 0 else torch.cat([rotated, x_pass], dim=-1)
+    return _RotateHalf.apply(x, cos, sin)
