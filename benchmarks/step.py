@@ -30,7 +30,9 @@ weights) are printed side by side and must agree. Reported: median step seconds 
 
 Memory: each side trains alone in a fresh child process (same imports in both) for the warmup and
 two steps; reported: that process's peak RSS (VmHWM) after the imports, after building, at the
-end, and the ratio of the end values.
+end, and the ratio of the end values. A run's peak varies by ~20 MiB with where the allocator
+happens to place things, so each side runs `--memory-rounds` times (default 3, taking turns) and
+the median is compared.
 """
 
 from __future__ import annotations
@@ -224,17 +226,24 @@ def memory_child(side: str, loss: str, warmup: int, step: str = "plain") -> dict
             "peak_rss_after_build_mib": built}
 
 
-def measure_memory(loss: str, warmup: int, step: str = "plain") -> dict:
-    """Peak RSS of each side in its own child process (`--memory-child`)."""
+def measure_memory(loss: str, warmup: int, step: str = "plain", rounds: int = 3) -> dict:
+    """Peak RSS of each side in its own child process (`--memory-child`), `rounds` children per side
+    taking turns; per side the round with the median peak (a run's peak varies by ~20 MiB with the
+    allocator's layout), and every round's peak."""
+    runs: dict[str, list[dict]] = {"open_flamingo": [], "megaflamingo": []}
+    for _ in range(rounds):
+        for side in runs:
+            cmd = [sys.executable, __file__, "--memory-child", side, "--loss", loss, "--warmup", str(warmup),
+                   "--step", step]
+            # a fresh world of one: not the parent's RANK / MASTER_PORT (its process group holds that port)
+            env = {k: v for k, v in os.environ.items()
+                   if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+            runs[side].append(json.loads(proc.stdout.strip().splitlines()[-1]))
     out = {}
-    for side in ("open_flamingo", "megaflamingo"):
-        cmd = [sys.executable, __file__, "--memory-child", side, "--loss", loss, "--warmup", str(warmup),
-               "--step", step]
-        # a fresh world of one: not the parent's RANK / MASTER_PORT (its process group holds that port)
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
-        out[side] = json.loads(proc.stdout.strip().splitlines()[-1])
+    for side, results in runs.items():
+        ordered = sorted(results, key=lambda r: r["peak_rss_mib"])
+        out[side] = dict(ordered[(len(ordered) - 1) // 2], peak_rss_mib_all=[r["peak_rss_mib"] for r in results])
     return out
 
 
@@ -265,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step", choices=("plain", "engine"), default="plain",
                         help="megaflamingo's step: written out here, or build_engine + training.step")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-RSS child processes")
+    parser.add_argument("--memory-rounds", type=int, default=3, help="peak-RSS children per side (median)")
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--memory-child", choices=("open_flamingo", "megaflamingo"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -298,10 +308,11 @@ def main(argv: list[str] | None = None) -> int:
               "step_time_ratio_fastest": min(mf["step_s_all"]) / min(of["step_s_all"]),
               "step_time_ratio_median_of_pairs": statistics.median(pairs)}
     if not args.no_memory:
-        mem = measure_memory(args.loss, args.warmup, args.step)
+        mem = measure_memory(args.loss, args.warmup, args.step, args.memory_rounds)
         ratio = mem["megaflamingo"]["peak_rss_mib"] / mem["open_flamingo"]["peak_rss_mib"]
-        print(f"peak RSS: open_flamingo {mem['open_flamingo']['peak_rss_mib']:.0f} MiB  megaflamingo "
-              f"{mem['megaflamingo']['peak_rss_mib']:.0f} MiB  ratio {ratio:.3f} (goal <= 0.8)")
+        print(f"peak RSS (median of {args.memory_rounds}): open_flamingo {mem['open_flamingo']['peak_rss_mib']:.0f} MiB  "
+              f"megaflamingo {mem['megaflamingo']['peak_rss_mib']:.0f} MiB  ratio {ratio:.3f} (goal <= 0.8); all: "
+              + "  ".join(f"{side} " + "/".join(f"{v:.0f}" for v in mem[side]["peak_rss_mib_all"]) for side in mem))
         result.update(memory=mem, peak_rss_ratio=ratio)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
