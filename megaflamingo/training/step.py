@@ -55,13 +55,16 @@ class SkipNonFiniteAdamW(torch.optim.AdamW):
 
     def _any_rank_non_finite(self) -> bool:
         params = [p for g in self.param_groups for p in g["params"]]
-        # a float64 sum of float32/16 values cannot overflow (|sum| <= 2^31 * 3.4e38 << 1.8e308), so
-        # it is finite exactly when every element is: one reduction per gradient instead of the
-        # four passes of isfinite(g).all() (DeepSpeed's overflow check sums too, in the grads' dtype)
-        sums = [p.grad.sum(dtype=torch.float64) for p in params if p.grad is not None]
+        # Any NaN/Inf element makes a gradient's sum NaN/Inf, so all-finite sums prove all-finite
+        # gradients (one fast reduction each instead of isfinite(g).all()'s four passes); a
+        # non-finite sum may also come from finite values overflowing, so those are checked exactly.
+        grads = [p.grad for p in params if p.grad is not None]
         bad = torch.zeros(1, device=params[0].device if params else None)  # NCCL reduces device tensors
-        if sums:
-            bad = (~torch.stack(sums).sum().isfinite()).float().reshape(1)
+        if grads:
+            sums = torch.stack([g.sum() for g in grads])
+            if not bool(sums.isfinite().all()):
+                suspects = torch.nonzero(~sums.isfinite())[:, 0].tolist()
+                bad = torch.stack([~torch.isfinite(grads[i]).all() for i in suspects]).any().float().reshape(1)
         if dist.is_initialized():
             dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=self.group)
         return bool(bad.item())

@@ -41,8 +41,9 @@ def test_a_non_finite_gradient_skips_the_whole_update_and_says_so():
 
 
 def test_the_guard_tells_huge_finite_gradients_from_non_finite_ones():
-    """The guard sums each gradient in float64: finite values near float32's maximum (whose float32
-    sum overflows) are a step; +Inf and -Inf together (a float sum of NaN) are not."""
+    """The guard's fast path is one sum per gradient: finite values near float32's maximum (whose sum
+    overflows to Inf) must still be a step (the exact fallback); +Inf and -Inf together (a sum of
+    NaN) and a NaN in bf16 are not."""
     params, opt = _two_groups()
     for p in params:
         p.grad = torch.full_like(p, 3.0e38)
