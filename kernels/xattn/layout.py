@@ -172,6 +172,29 @@ class ChunkPlan:
             self._rows[heads] = (slot_rows, out_rows.flatten(), grad_rows.flatten())
         return self._rows[heads]
 
+    def source_rows(self, heads: int, strides: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where each slot row reads a (B, H, T, K) tensor whose rows of K lie `strides` rows apart
+        in b, h, t (row r = b * strides[0] + h * strides[1] + t * strides[2]). Built once per
+        head count and strides, kept.
+
+        Args:
+            heads: H.
+            strides: (b, h, t) strides in rows of K elements.
+        Returns:
+            (index, pad): index (S * H,) the row each slot row reads (0 for padding), pad the slot
+            rows that are padding (to be zeroed).
+        """
+        key = (heads, *strides)
+        if key not in self._rows:
+            B, T = self.has_image.shape
+            slot_rows = self.head_rows(heads)[0]  # (b * T + t) * H + h, B * T * H for padding
+            token, h = slot_rows // heads, slot_rows % heads
+            pad = token == B * T
+            T = max(T, 1)  # no tokens: no slots
+            index = torch.where(pad, 0, token // T * strides[0] + h * strides[1] + token % T * strides[2])
+            self._rows[key] = (index, pad.nonzero().flatten())
+        return self._rows[key]
+
 
 def chunk_plan(text_time: torch.Tensor, num_media: int, starts: list[int] | None = None) -> ChunkPlan:
     """One chunk of slots per image, images cut into segments of equal chunk length (see ChunkPlan).

@@ -49,14 +49,22 @@ def _images(x: torch.Tensor, plan: ChunkPlan, heads: int, transpose: bool = Fals
             for i0, i1, _, _ in plan.segments]
 
 
-def _token_rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(B, H, T, K) -> token-major rows (B * T * H + 1, K) in `dtype`, the last row zero (what
-    padding slots read). One strided copy (no transposed copy plus a concatenation)."""
+def _gather_slots(x: torch.Tensor, plan: ChunkPlan, dtype: torch.dtype) -> torch.Tensor:
+    """(B, H, T, K) -> slot-major rows (S * H, K) in `dtype`, padding rows zero: one gather that
+    reads x's rows in place through its strides (no token-major copy first) when its last dim is
+    contiguous and its other strides are multiples of K, else through a contiguous copy."""
     B, H, T, K = x.shape
-    rows = x.new_empty(B * T * H + 1, K, dtype=dtype)
-    rows[:-1].view(B, T, H, K).copy_(x.transpose(1, 2))
-    rows[-1].zero_()
-    return rows
+    if not x.numel():
+        return x.new_zeros(plan.slot_token.numel() * H, K, dtype=dtype)
+    strides = [0 if n == 1 else s for n, s in zip(x.shape[:3], x.stride()[:3])]
+    if x.stride(3) != 1 and K > 1 or any(s % K for s in strides):
+        x = x.contiguous()
+        strides = list(x.stride()[:3])
+    rows = [s // K for s in strides]
+    src = x.as_strided((sum((n - 1) * s for n, s in zip(x.shape[:3], rows)) + 1, K), (K, 1))
+    index, pad = plan.source_rows(H, tuple(rows))
+    out = src.index_select(0, index).to(dtype)
+    return out.index_fill_(0, pad, 0) if pad.numel() else out
 
 
 def _bmm_segments(a: list[torch.Tensor], b: list[torch.Tensor], out: list[torch.Tensor], scale: float = 1.0) -> None:
@@ -82,8 +90,8 @@ class _ChunkAttention(torch.autograd.Function):
         M, N = k.shape[1], k.shape[3]
         cd = torch.float64 if q.dtype == torch.float64 else torch.float32
         I, SH = plan.num_images, plan.slot_token.numel() * H
-        slot_rows, out_rows, _ = plan.head_rows(H)
-        q_c = _token_rows(q, cd).index_select(0, slot_rows)  # (S * H, K)
+        _, out_rows, _ = plan.head_rows(H)
+        q_c = _gather_slots(q, plan, cd)  # (S * H, K)
         k_i = k.reshape(I * H, N, K).to(cd).contiguous()  # no copy for contiguous fp32 / fp64 keys
         v_i = v.reshape(I * H, N, K).to(cd).contiguous()
         scores = q_c.new_empty(SH, N)
@@ -107,9 +115,8 @@ class _ChunkAttention(torch.autograd.Function):
         q_c, p, k_i, v_i = ctx.saved_tensors
         plan, (B, H, T, K, M, N) = ctx.plan, ctx.shapes
         SH, cd = q_c.shape[0], q_c.dtype
-        slot_rows, _, grad_rows = plan.head_rows(H)
-        do_tok = _token_rows(dout, cd)  # (B * T * H + 1, K)
-        do_c = do_tok.index_select(0, slot_rows)  # (S * H, K)
+        grad_rows = plan.head_rows(H)[2]
+        do_c = _gather_slots(dout, plan, cd)  # (S * H, K), padding rows zero
         do_s = _segments(do_c, plan, H)
         dp = p.new_empty(SH, N)
         _bmm_segments(do_s, _images(v_i, plan, H, True), _segments(dp, plan, H))
@@ -123,7 +130,7 @@ class _ChunkAttention(torch.autograd.Function):
         dk = torch.empty_like(k_i)
         _bmm_segments(_segments(ds, plan, H, True), _segments(q_c, plan, H), _images(dk, plan, H), K ** -0.5)
         if plan.any_over:  # tokens with text_time > M: d mean(v) / dv = 1 / (M * N) for every key
-            d_mean = (plan.over.to(cd)[:, :, None] * do_tok[:-1].view(B, T, H * K)).sum(1) / max(M * N, 1)
+            d_mean = (plan.over.to(cd)[:, :, None, None] * dout.transpose(1, 2)).sum(1) / max(M * N, 1)  # (B, H, K)
             dv.view(B, M, H, N, K).add_(d_mean.view(B, 1, H, 1, K))
         return dq, dk.view(B, M, H, N, K).to(ctx.dtypes[1]), dv.view(B, M, H, N, K).to(ctx.dtypes[2]), None
 

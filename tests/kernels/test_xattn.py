@@ -299,6 +299,29 @@ def test_gather_low_precision_inputs(dtype):
         assert a.dtype == dtype and rel_err(a, b) <= tol
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "token_major", "padded_rows", "expanded_dout"])
+def test_gather_reads_any_input_strides(layout):
+    """q and dout are gathered in place through their strides: the model's transposed (B, T, H, K)
+    layout, rows padded past K (strides not multiples of K: read through a copy) and an expanded
+    (stride 0) dout all give the dense result."""
+    B, H, T, M, N, K = 2, 3, 20, 3, 4, 8
+    gen = torch.Generator().manual_seed(11)
+    text_time = torch.stack([text_time_from_markers(T, row) for row in [[0, 5, 6], [2, 19]]])
+    base = {"contiguous": (B, H, T, K), "token_major": (B, T, H, K), "padded_rows": (B, H, T, K + 3),
+            "expanded_dout": (B, H, T, K)}[layout]
+    q = torch.randn(*base, generator=gen, dtype=torch.float64)
+    q = (q.transpose(1, 2) if layout == "token_major" else q[..., :K]).requires_grad_()
+    k, v = (torch.randn(B, M, H, N, K, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    results = []
+    for fn in (media_attention_gather, media_attention_dense):
+        out = fn(q, k, v, text_time)
+        dout = torch.ones(()).expand(out.shape).to(out) if layout == "expanded_dout" else \
+            torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+        results.append((out, *torch.autograd.grad(out, (q, k, v), dout)))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 def test_plan_is_built_once_per_text_time_and_cuts_segments_from_the_runs():
     """plan_for reuses the plan while the text_time tensor is alive and unmodified (every layer of
     a batch), rebuilds it after an in-place change; evenly spaced images make one segment without
