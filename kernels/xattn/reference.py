@@ -25,6 +25,7 @@ it is kept as a second reference for tests and benchmarks.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .layout import ChunkPlan, plan_for
@@ -135,6 +136,22 @@ class _ChunkAttention(torch.autograd.Function):
         return dq, dk.view(B, M, H, N, K).to(ctx.dtypes[1]), dv.view(B, M, H, N, K).to(ctx.dtypes[2]), None
 
 
+def _one_image_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_time: torch.Tensor) -> torch.Tensor:
+    """M = 1: every token with an image attends to the same N latents, so one fused SDPA call over
+    the whole sequence (q and the output in their own layout: no plan, no gathers), then zeros for
+    text before the image and the mean of the values for text_time > 1. Computes in fp32 (fp64 for
+    fp64 inputs); returns q's dtype. One host sync (whether every token has the image)."""
+    cd = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out = F.scaled_dot_product_attention(q.to(cd), k[:, 0].to(cd), v[:, 0].to(cd))  # (B, H, T, K)
+    has_image = text_time == 1  # (B, T)
+    if not bool(has_image.all()):
+        out = out.masked_fill(~has_image[:, None, :, None], 0.0)
+        over = text_time > 1
+        if bool(over.any()):
+            out = out + v[:, 0].to(cd).mean(dim=2, keepdim=True) * over[:, None, :, None].to(cd)
+    return out.to(q.dtype)
+
+
 def media_attention_gather(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_time: torch.Tensor, plan: ChunkPlan | None = None
 ) -> torch.Tensor:
@@ -143,6 +160,7 @@ def media_attention_gather(
     Batched matmuls over the segments of `layout.plan_for` (one chunk of queries per image, against
     its image's N latents read in place): the queries are gathered with index tables and the
     outputs read back per token, so the cost depends on T and M, not on where the images sit.
+    One image per sample (M = 1) is one fused SDPA call over the whole sequence instead.
     q, k and v are always inputs of one autograd node, so their gradients exist (zeros) even when
     no token attends to an image.
 
@@ -151,12 +169,15 @@ def media_attention_gather(
         k: (B, M, H, N, K) keys of every image.
         v: (B, M, H, N, K) values of every image.
         text_time: (B, T) integer media index per token (0 = before the first image).
-        plan: a `layout.chunk_plan(text_time, M)` to use; None for the one `plan_for` keeps per
+        plan: a `layout.chunk_plan(text_time, M)` to use (M = 1 needs none: one SDPA call over
+            the sequence); None for the one `plan_for` keeps per
             text_time tensor (built on first use, shared by every layer of the batch).
     Returns:
-        (B, H, T, K) attention output in q's dtype (a transposed view of a (B, T, H, K) tensor);
-        rows with text_time == 0 are exactly zero.
+        (B, H, T, K) attention output in q's dtype (for M > 1 a transposed view of a (B, T, H, K)
+        tensor); rows with text_time == 0 are exactly zero.
     """
+    if k.shape[1] == 1:
+        return _one_image_attention(q, k, v, text_time)
     plan = plan if plan is not None else plan_for(text_time, k.shape[1])
     return _ChunkAttention.apply(q, k, v, plan)
 

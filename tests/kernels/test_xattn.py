@@ -322,6 +322,28 @@ def test_gather_reads_any_input_strides(layout):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("markers", [[[0], [0]], [[3, 9], [0]], [[5], [1, 2, 2]]])
+def test_one_image_sdpa_path_matches_the_segments_and_dense(markers):
+    """M = 1 runs one SDPA call over the sequence: equal to the segment path (`_ChunkAttention` with
+    a plan) and to the dense reference, with text before the image and more markers than images."""
+    from megaflamingo.kernels.xattn.layout import chunk_plan
+    from megaflamingo.kernels.xattn.reference import _ChunkAttention
+
+    B, H, T, M, N, K = 2, 2, 14, 1, 5, 8
+    gen = torch.Generator().manual_seed(13)
+    text_time = torch.stack([text_time_from_markers(T, row) for row in markers])
+    q, k, v = (torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
+               for shape in ((B, H, T, K), (B, M, H, N, K), (B, M, H, N, K)))
+    sdpa, dense = grads_vs_dense(q, k, v, text_time)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    out = _ChunkAttention.apply(q, k, v, chunk_plan(text_time, M))
+    segments = (out, *torch.autograd.grad(out, (q, k, v), dout))
+    for a, b, c in zip(sdpa, segments, dense):
+        torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(b, c, rtol=1e-10, atol=1e-12)
+    assert not sdpa[0].transpose(1, 2)[text_time == 0].any()  # text before the image: exactly 0
+
+
 def test_plan_is_built_once_per_text_time_and_cuts_segments_from_the_runs():
     """plan_for reuses the plan while the text_time tensor is alive and unmodified (every layer of
     a batch), rebuilds it after an in-place change; evenly spaced images make one segment without
