@@ -60,8 +60,11 @@ def pick_segments(run_len: list[int], segment_cost: int = _SEGMENT_COST) -> list
     """First image of each segment: the cut of the images (in order) of least estimated cost.
 
     A segment of images [i, j) pads every run to the longest one in it, C = max(run, 1):
-    cost = (j - i) * C slots + `segment_cost`. Exact dynamic programming over the cut points;
-    the inner loop stops once even a padding-free prefix could not beat the best cut found.
+    cost = (j - i) * C slots + `segment_cost`. Exact dynamic programming over the cut points:
+    best[j] = segment_cost + min over i of (best[i] + (j - i) * max(run[i:j])). The inner loop
+    stops once a lower bound of every earlier start i >= 1 (a padding-free prefix plus one
+    segment) cannot beat the best found, then tries i = 0 (no prefix): O(I) per image on evenly
+    spaced runs.
 
     Args:
         run_len: tokens per image, I = B * M values.
@@ -70,20 +73,21 @@ def pick_segments(run_len: list[int], segment_cost: int = _SEGMENT_COST) -> list
         Sorted segment starts, the first 0 (empty for no images).
     """
     I = len(run_len)
-    floor = [0] * (I + 1)  # floor[i]: slots of images < i without padding, a lower bound of best[i]
+    floor = [0] * (I + 1)  # floor[i]: slots of images < i without padding; best[i] >= floor[i] + segment_cost
     for i, r in enumerate(run_len):
         floor[i + 1] = floor[i] + max(r, 1)
     best, cut = [0] * (I + 1), [0] * (I + 1)
+    prefix_top = 1
     for j in range(1, I + 1):
-        top, least, arg = 1, None, j - 1
-        for i in range(j - 1, -1, -1):
+        prefix_top = max(prefix_top, run_len[j - 1])
+        least, arg, top = j * prefix_top, 0, 1  # start i = 0: one segment [0, j), no prefix
+        for i in range(j - 1, 0, -1):
             top = max(top, run_len[i])
             span = (j - i) * top
-            if least is not None and floor[i] + span >= least:  # floor[i] + span never falls as i falls
+            if floor[i] + segment_cost + span >= least:  # a lower bound that never falls as i falls
                 break
-            cost = best[i] + span
-            if least is None or cost < least:
-                least, arg = cost, i
+            if best[i] + span < least:
+                least, arg = best[i] + span, i
         best[j], cut[j] = least + segment_cost, arg
     starts, j = [], I
     while j > 0:
