@@ -50,13 +50,15 @@ def _images(x: torch.Tensor, plan: ChunkPlan, heads: int, transpose: bool = Fals
             for i0, i1, _, _ in plan.segments]
 
 
-def _gather_slots(x: torch.Tensor, plan: ChunkPlan, dtype: torch.dtype) -> torch.Tensor:
-    """(B, H, T, K) -> slot-major rows (S * H, K) in `dtype`, padding rows zero: one gather that
-    reads x's rows in place through its strides (no token-major copy first) when its last dim is
-    contiguous and its other strides are multiples of K, else through a contiguous copy."""
+def _gather_slots(x: torch.Tensor, plan: ChunkPlan, dtype: torch.dtype, extra: int = 0) -> torch.Tensor:
+    """(B, H, T, K) -> slot-major rows (S * H + extra, K) in `dtype`, padding rows zero (the extra
+    rows are left uninitialised): one gather that reads x's rows in place through its strides (no
+    token-major copy first) when its last dim is contiguous and its other strides are multiples of
+    K, else through a contiguous copy."""
     B, H, T, K = x.shape
+    SH = plan.slot_token.numel() * H
     if not x.numel():
-        return x.new_zeros(plan.slot_token.numel() * H, K, dtype=dtype)
+        return x.new_zeros(SH + extra, K, dtype=dtype)
     strides = [0 if n == 1 else s for n, s in zip(x.shape[:3], x.stride()[:3])]
     if x.stride(3) != 1 and K > 1 or any(s % K for s in strides):
         x = x.contiguous()
@@ -64,7 +66,11 @@ def _gather_slots(x: torch.Tensor, plan: ChunkPlan, dtype: torch.dtype) -> torch
     rows = [s // K for s in strides]
     src = x.as_strided((sum((n - 1) * s for n, s in zip(x.shape[:3], rows)) + 1, K), (K, 1))
     index, pad = plan.source_rows(H, tuple(rows))
-    out = src.index_select(0, index).to(dtype)
+    out = x.new_empty(SH + extra, K, dtype=dtype)
+    if x.dtype == dtype:
+        torch.index_select(src, 0, index, out=out[:SH])
+    else:
+        out[:SH] = src.index_select(0, index)
     return out.index_fill_(0, pad, 0) if pad.numel() else out
 
 
@@ -98,8 +104,7 @@ class _ChunkAttention(torch.autograd.Function):
         scores = q_c.new_empty(SH, N)
         _bmm_segments(_segments(q_c, plan, H), _images(k_i, plan, H, True), _segments(scores, plan, H),
                       K ** -0.5)
-        p = scores.softmax(dim=-1)  # (S * H, N)
-        del scores
+        p = torch.softmax(scores, dim=-1, out=scores)  # (S * H, N), in place
         o_rows = q_c.new_empty(SH + 1 + (B * H if plan.any_over else 0), K)  # a zero row, then means
         _bmm_segments(_segments(p, plan, H), _images(v_i, plan, H), _segments(o_rows, plan, H))
         o_rows[SH].zero_()
@@ -117,14 +122,14 @@ class _ChunkAttention(torch.autograd.Function):
         plan, (B, H, T, K, M, N) = ctx.plan, ctx.shapes
         SH, cd = q_c.shape[0], q_c.dtype
         grad_rows = plan.head_rows(H)[2]
-        do_c = _gather_slots(dout, plan, cd)  # (S * H, K), padding rows zero
+        do_c = _gather_slots(dout, plan, cd, extra=1)  # (S * H + 1, K), padding rows zero
         do_s = _segments(do_c, plan, H)
         dp = p.new_empty(SH, N)
         _bmm_segments(do_s, _images(v_i, plan, H, True), _segments(dp, plan, H))
         dv = torch.empty_like(v_i)  # (I * H, N, K)
         _bmm_segments(_segments(p, plan, H, True), do_s, _images(dv, plan, H))
         ds = dp.sub_((p * dp).sum(dim=-1, keepdim=True)).mul_(p)  # (S * H, N), without the 1 / sqrt(K)
-        dq_rows = q_c.new_empty(SH + 1, K)
+        dq_rows = do_c  # do_c is read for the last time above: dq overwrites it
         _bmm_segments(_segments(ds, plan, H), _images(k_i, plan, H), _segments(dq_rows, plan, H), K ** -0.5)
         dq_rows[SH].zero_()
         dq = dq_rows.index_select(0, grad_rows).to(ctx.dtypes[0]).view(B, T, H, K).transpose(1, 2)
