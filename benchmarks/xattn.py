@@ -9,12 +9,13 @@ documents have them. The gather's cost must not depend on the layout.
 
 Implementations (all compute the same output, checked against the gather reference):
 - dense:     `media_attention_dense`, the (T, M * N) masked score matrix OpenFlamingo builds;
-- gather:    `media_attention_gather`, batched matmuls over chunks of tokens that share an image, one
-             autograd node with a hand-written backward; its index plan (`layout.plan_for`) is
-             built on the first (untimed) call and reused, as every cross-attention layer of a
-             batch and its backward reuse it in the model;
+- gather:    `media_attention_gather`, one chunk of tokens per image, images cut into segments of
+             equal chunk length, six batched matmuls per segment reading the keys in place, one
+             autograd node with a hand-written backward (M = 1: one fused SDPA call); its index
+             plan (`layout.plan_for`) is built on the first (untimed) call and reused, as every
+             cross-attention layer of a batch and its backward reuse it in the model;
 - gather+plan: the same, building the plan inside every timed call (`layout.chunk_plan`): the cost
-             for a model with a single cross-attention layer;
+             for a model with a single cross-attention layer (M = 1 needs no plan);
 - sdpa_mask: `scaled_dot_product_attention` over all M * N keys with a dense boolean mask;
 - triton:    the Triton kernels through `media_attention(impl="triton")` (CUDA only).
 
@@ -82,8 +83,10 @@ def sdpa_dense_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_time
 
 
 def gather_with_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_time: torch.Tensor) -> torch.Tensor:
-    """The gather with its index plan built in this call (not reused from an earlier one)."""
-    return media_attention_gather(q, k, v, text_time, chunk_plan(text_time, k.shape[1]))
+    """The gather with its index plan built in this call (not reused from an earlier one; M = 1
+    needs none)."""
+    plan = chunk_plan(text_time, k.shape[1]) if k.shape[1] > 1 else None
+    return media_attention_gather(q, k, v, text_time, plan)
 
 
 def triton_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_time: torch.Tensor) -> torch.Tensor:
