@@ -164,7 +164,8 @@ class ChunkPlan:
             offset = torch.arange(S, device=dev)[:, None] - base
             row_of_slot = base * heads + h * length + offset  # (S, H)
             slot_rows = torch.empty(S * heads, dtype=torch.long, device=dev)
-            token_rows = torch.where(self.slot_token[:, None] < B * T, self.slot_token[:, None] * heads + h, B * T * heads)
+            token = self.slot_token[:, None]  # (S, 1)
+            token_rows = torch.where(token < B * T, token * heads + h, B * T * heads)
             slot_rows[row_of_slot.flatten()] = token_rows.flatten()
             has = self.token_slot[:, None] < S  # (B * T, 1)
             token_row = row_of_slot[self.token_slot.clamp(max=S - 1)] if S else h.expand(B * T, heads)
