@@ -18,8 +18,9 @@ tables instead of walking the runs in Python:
   M, not where the images sit, and no keys or values are ever copied.
 
 `plan_for` / `ranges_for` return the tables for a text_time tensor, built once and reused while
-that tensor is alive and unmodified: every cross-attention layer of a forward, and its backward,
-share one plan. No Python loop over tokens; one host sync per plan (the run lengths).
+that tensor is alive and unmodified (the last few tensors' tables are kept): every cross-attention
+layer of a forward, and its backward, share one plan. No Python loop over tokens; one host sync
+per plan (the run lengths).
 """
 
 from __future__ import annotations
@@ -242,21 +243,27 @@ def chunk_plan(text_time: torch.Tensor, num_media: int, starts: list[int] | None
                      over, bool(no_image.any()), bool(over.any()))
 
 
-class _LastTable:
-    """The table last built for a text_time tensor; reused while that tensor is alive and unmodified."""
+class _RecentTables:
+    """The tables built for the last few text_time tensors, each reused while its tensor is alive
+    and unmodified: a batch's layers and backward, also while other batches' tables are built in
+    between (micro-batches, or layouts timed in turns)."""
 
-    def __init__(self) -> None:
-        self.ref, self.key, self.value = None, None, None
+    def __init__(self, size: int = 4) -> None:
+        self.size, self.entries = size, []  # [(weakref to text_time, key, table)], most recent last
 
     def get(self, text_time: torch.Tensor, key: tuple, build):
         full_key = (text_time._version, tuple(text_time.shape), text_time.device, *key)
-        if self.ref is None or self.ref() is not text_time or self.key != full_key:
-            self.value = build()
-            self.ref, self.key = weakref.ref(text_time), full_key
-        return self.value
+        self.entries = [e for e in self.entries if e[0]() is not None]  # tables of freed tensors go
+        for i, (ref, k, table) in enumerate(self.entries):
+            if ref() is text_time and k == full_key:
+                self.entries.append(self.entries.pop(i))
+                return table
+        table = build()
+        self.entries = [*self.entries, (weakref.ref(text_time), full_key, table)][-self.size:]
+        return table
 
 
-_PLANS, _RANGES = _LastTable(), _LastTable()
+_PLANS, _RANGES = _RecentTables(), _RecentTables()
 
 
 def plan_for(text_time: torch.Tensor, num_media: int) -> ChunkPlan:

@@ -346,8 +346,9 @@ def test_one_image_sdpa_path_matches_the_segments_and_dense(markers):
 
 def test_plan_is_built_once_per_text_time_and_cuts_segments_from_the_runs():
     """plan_for reuses the plan while the text_time tensor is alive and unmodified (every layer of
-    a batch), rebuilds it after an in-place change; evenly spaced images make one segment without
-    padding, a long run among short ones gets a segment of its own."""
+    a batch, also with another batch's plan built in between), rebuilds it after an in-place
+    change; evenly spaced images make one segment without padding, a long run among short ones
+    gets a segment of its own."""
     from megaflamingo.kernels.xattn.layout import plan_for, ranges_for, token_ranges
 
     T, M = 64, 8
@@ -363,7 +364,9 @@ def test_plan_is_built_once_per_text_time_and_cuts_segments_from_the_runs():
     assert torch.equal(lo.long(), token_ranges(text_time, M)[0]) and lo.dtype == torch.int32
     assert torch.equal(hi.long(), token_ranges(text_time, M)[1])
     long_run = text_time_from_markers(T, [0, 2, 4, 40, 42, 44, 46, 48])[None]  # runs 2, 2, 36, 2, 2, 2, 2, 16
-    assert [(i0, i1) for i0, i1, _, _ in plan_for(long_run, M).segments] == [(0, 2), (2, 3), (3, 7), (7, 8)]
+    long_plan = plan_for(long_run, M)
+    assert [(i0, i1) for i0, i1, _, _ in long_plan.segments] == [(0, 2), (2, 3), (3, 7), (7, 8)]
+    assert plan_for(text_time, M) is rebuilt and plan_for(long_run, M) is long_plan  # two batches in turns
 
 
 def test_auto_on_cpu_is_the_reference():
