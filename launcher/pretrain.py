@@ -41,12 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         resume = args.resume or cfg.checkpoint.resume or "auto"
-        from megaflamingo.builder import build_model
+        from megaflamingo.builder import build_training_model
         from megaflamingo.training.loop import TrainingAborted, run
 
-        try:
-            return run(cfg, lambda model_cfg: build_model(model_cfg, resolved=True),
-                       resume=None if resume == "none" else resume)
+        try:  # each rank builds only its own share of the model (stage layers, TP slices)
+            return run(cfg, build_training_model, resume=None if resume == "none" else resume)
         except TrainingAborted as err:
             print(f"error: {err}", file=sys.stderr)
             return 1

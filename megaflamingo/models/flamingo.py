@@ -128,27 +128,48 @@ def resolve_token_ids(cfg: ModelConfig) -> ModelConfig:
     return cfg
 
 
-def build_model(cfg: ModelConfig) -> Flamingo:
+def construct_model(cfg: ModelConfig, tower: nn.Module | None = None) -> Flamingo:
+    """The Flamingo modules a config describes, with the modules' own initialisation and no weight
+    file read (`parallel.materialize.build_rank_model` constructs them on the meta device).
+
+    Args:
+        cfg: a resolved model config whose LM is inline (`lm.hf_path` None: the sizes are in `lm`).
+        tower: the vision tower, already built; None: built here from `cfg.vision`.
+    Returns:
+        The model in fp32, with its trainable set fixed.
+    """
+    cfg = resolve_token_ids(cfg)
+    trainable_ids = () if cfg.freeze_lm_embeddings else (cfg.media_token_id, cfg.eoc_token_id)
+    lm = build_decoder(cfg.lm, vocab_size=cfg.vocab_size, trainable_ids=trainable_ids)
+    return Flamingo(tower if tower is not None else build_tower(cfg.vision), lm, cfg)
+
+
+def build_model(cfg: ModelConfig, seed: int | None = None) -> Flamingo:
     """Build a Flamingo model from a resolved model config (random init unless weight paths are given).
 
-    Loads the vision and LM weights the config names; reads no tokenizer and no OpenFlamingo
-    checkpoint (`megaflamingo.build_model` resolves the config and imports that checkpoint too).
+    The one-rank case of the rank-local build (`models.materialize`; the parallel one is
+    `parallel.materialize.build_rank_model`), so a single process starts from exactly the values
+    every parallel layout starts from: frozen weights read from the files the config names, every
+    other parameter drawn from (seed, its name). Reads no tokenizer and no OpenFlamingo checkpoint
+    (`megaflamingo.build_model` resolves the config and imports that checkpoint too). Under
+    `torch.device("meta")` only the shapes are built (`construct_model`: an inline LM, no file).
 
     Args:
         cfg: the model section, resolved (`megaflamingo.resolve.resolve_model`): vocab_size and
             the token ids set. An inline LM without a tokenizer needs only the token ids.
+        seed: the initialisation seed; None: `torch.initial_seed()`, the seed of the last
+            `torch.manual_seed(s)`, so that call then this one give the model a run with
+            train.seed = s starts from, on any layout.
     Returns:
-        The model in fp32, with its trainable set fixed (Perceiver, cross-attention, added rows).
+        The model (trainable weights fp32, frozen ones in `cfg.frozen_dtype`), its trainable set
+        fixed (Perceiver, cross-attention, added rows).
     Raises:
         ConfigError: the config is not resolved.
-        ValueError: a weight file does not match the config.
+        ValueError / FileNotFoundError: a weight file does not match the config, or is missing or
+            truncated (one line naming it).
     """
-    from megaflamingo.models.hf_weights import load_hf_lm
+    from megaflamingo.models import materialize
 
-    cfg = resolve_token_ids(cfg)
-    trainable_ids = () if cfg.freeze_lm_embeddings else (cfg.media_token_id, cfg.eoc_token_id)
-    if cfg.lm.hf_path is not None:
-        lm = load_hf_lm(cfg.lm.hf_path, vocab_size=cfg.vocab_size, trainable_ids=trainable_ids)
-    else:
-        lm = build_decoder(cfg.lm, vocab_size=cfg.vocab_size, trainable_ids=trainable_ids)
-    return Flamingo(build_tower(cfg.vision), lm, cfg)
+    if torch.get_default_device().type == "meta":  # shapes only (planning): nothing to draw or read
+        return construct_model(cfg)
+    return materialize.build_model(cfg, torch.initial_seed() if seed is None else seed)[0]

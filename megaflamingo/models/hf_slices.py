@@ -98,6 +98,42 @@ class SliceReader:
         return tensor
 
 
+def sliceable(path: str | Path) -> bool:
+    """Whether the checkpoint at `path` is safetensors (what `SliceReader` reads lazily)."""
+    return all(f.suffix == ".safetensors" for f in _weight_files(Path(path)))
+
+
+class StateReader(SliceReader):
+    """`SliceReader`'s reads over a checkpoint read whole into memory once: for a one-rank build of
+    weights that cannot be sliced lazily (pytorch_model*.bin).
+
+    Args:
+        path: the checkpoint directory.
+    Raises:
+        FileNotFoundError: no weight file, or a shard named by the index is missing.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        from megaflamingo.models.hf_weights import read_hf_state_dict
+
+        self.path, self.reads = Path(path), []
+        self._state = read_hf_state_dict(self.path)
+        self._file_of = {n: self.path for n in self._state}
+
+    def shape(self, name: str) -> list[int]:
+        """The full shape of checkpoint tensor `name`."""
+        self._file(name)
+        return list(self._state[name].shape)
+
+    def read(self, name: str, rows: Span | None = None, cols: Span | None = None) -> torch.Tensor:
+        """Rows [r0, r1) and columns [c0, c1) (None: all) of checkpoint tensor `name`, a copy."""
+        self._file(name)  # a KeyError naming the checkpoint when absent
+        tensor = self._state[name]
+        spans = tuple(s for s in (rows or (0, tensor.shape[0]), cols) if s is not None) if tensor.dim() else ()
+        self.reads.append((name, spans))
+        return tensor[tuple(slice(a, b) for a, b in spans)].clone()
+
+
 def _hf_names(reader: SliceReader, module: str, param: str, cfg: LMConfig) -> str:
     """The checkpoint's name of `module.param` (the family may store it under an alias)."""
     name, names = f"{module}.{param}", reader.names()

@@ -270,8 +270,15 @@ class FlamingoPipelineModule(PipelineModule):
             dist.all_reduce(weight.grad, group=group)
 
 
-def _stage_parts(model: Flamingo, pp: int, partition: Sequence[int] | None,
-                 costs: Sequence[float] | None) -> list[int]:
+def stage_parts(model: Flamingo, pp: int, partition: Sequence[int] | None,
+                costs: Sequence[float] | None) -> list[int]:
+    """Stage boundaries over [embed, L blocks, head]: the explicit `partition` (stage starts), or
+    the balanced partition of `costs` (None: `default_layer_costs`). Reads only the model's shape
+    (a meta-device model will do).
+
+    Raises:
+        ConfigError: a bad explicit partition. ValueError: costs of the wrong length.
+    """
     num_layers = len(model.lm.layers)
     if partition is not None:
         return explicit_partition(partition, num_layers, pp)
@@ -342,17 +349,21 @@ def _mark_grad_norm_owners(module: FlamingoPipelineModule, groups: ProcessGroups
 
 def build_pipeline_module(model: Flamingo, groups: ProcessGroups, loss: LossFn, *,
                           partition: Sequence[int] | None = None, costs: Sequence[float] | None = None,
+                          parts: Sequence[int] | None = None,
                           activation_checkpointing: bool = False) -> FlamingoPipelineModule:
     """Express a (tensor-parallelised) Flamingo as a DeepSpeed PipelineModule over `groups`.
 
     Args:
-        model: the model, after `apply_tensor_parallel` when tp > 1; all ranks hold the same weights.
+        model: a rank-local model (`parallel.materialize.build_rank_model`: this stage's layers
+            materialised, the others on the meta device; never touched here), or a full model after
+            `apply_tensor_parallel` when tp > 1 (all ranks holding the same weights).
         groups: this rank's process groups (their layout gives pp; the topology is DeepSpeed's
             PipeModelDataParallelTopology of the same layout).
         loss: the loss, called loss(logits, labels, loss_weight, vocab_group=, vocab_start=) (with the
             final-norm output in place of the logits when `loss.takes_hidden`, a fused head + loss).
         partition: explicit stage starts (`parallel.pipeline_partition`), or None.
         costs: per-layer costs (embed, L blocks, head) to balance when no explicit partition.
+        parts: the stage boundaries the rank-local model was built for (overrides partition/costs).
         activation_checkpointing: recompute each block in backward (non-reentrant).
     Returns:
         The module; `.flamingo_names` maps its parameter names to the plain model's (anchors have none).
@@ -360,7 +371,7 @@ def build_pipeline_module(model: Flamingo, groups: ProcessGroups, loss: LossFn, 
         ConfigError: a bad explicit partition.
     """
     dims = groups.dims
-    parts = _stage_parts(model, dims.pp, partition, costs)
+    parts = list(parts) if parts is not None else stage_parts(model, dims.pp, partition, costs)
     names = {id(p): name for name, p in model.named_parameters()}
     added = model.lm.embed_tokens.added
     tie = model.lm.lm_head is None and added is not None and added.requires_grad

@@ -42,7 +42,8 @@ from megaflamingo.training.loss import FusedHeadLoss, flamingo_loss, head_loss
 from megaflamingo.training.lr_groups import with_lr_multipliers
 from megaflamingo.training.step import SkipNonFiniteAdamW, TrainStep
 
-__all__ = ["batch_layout", "build_engine", "build_optimizer", "build_train_step", "split_batch", "train_step"]
+__all__ = ["batch_layout", "build_engine", "build_optimizer", "build_rank_local_model", "build_train_step",
+           "split_batch", "train_step"]
 
 BATCH_KEYS = ("images", "input_ids", "attention_mask", "labels", "loss_weight")
 
@@ -211,9 +212,53 @@ def apply_activation_checkpointing(model: Flamingo) -> None:
         checkpoint(block)
 
 
+def build_rank_local_model(cfg: Config, groups: ProcessGroups) -> Flamingo:
+    """This rank's model for training: its pipeline stage's layers at their TP shapes, nothing else.
+
+    The process groups come first: the build (`parallel.materialize.build_rank_model`) reads only
+    this rank's checkpoint slices, and draws every other initial value from (train.seed, parameter
+    name), so each layout starts from the single-process model's values (`models.flamingo.build_model`
+    with the same seed). The stage boundaries are the ones `build_engine` uses: the config's
+    explicit partition, or the compute-balanced one (`pipeline_layer_costs`), computed on the
+    meta-device model.
+
+    Args:
+        cfg: the resolved run config.
+        groups: this rank's process groups.
+    Returns:
+        The model (`model.rank_shard` set); parameters of other stages stay on the meta device.
+    Raises:
+        ConfigError: a bad explicit partition. ValueError / FileNotFoundError: a bad weight file.
+    """
+    from megaflamingo.parallel.materialize import build_rank_model
+
+    def parts(meta: Flamingo) -> list[int]:
+        from megaflamingo.parallel.pipeline import stage_parts
+
+        return stage_parts(meta, groups.dims.pp, cfg.parallel.pipeline_partition, pipeline_layer_costs(cfg, meta))
+
+    model, _ = build_rank_model(cfg.model, groups, parts if groups.dims.pp > 1 else None, seed=cfg.train.seed)
+    return model
+
+
+def _shard_parts(model: Flamingo, dims: ParallelDims) -> list[int] | None:
+    """The stage boundaries a rank-local model was built for (None: a plain model, which is
+    tensor-parallelised here; every rank holds the same full weights)."""
+    shard = getattr(model, "rank_shard", None)
+    if shard is None:
+        return None
+    if shard.tp != dims.tp or (shard.parts is None) != (dims.pp == 1) or (
+            shard.parts is not None and len(shard.parts) != dims.pp + 1):
+        stages = 1 if shard.parts is None else len(shard.parts) - 1
+        raise ConfigError(f"the model was built for tp={shard.tp} pp={stages}, the process groups are {dims}")
+    return list(shard.parts) if shard.parts is not None else None
+
+
 def _build_module(cfg: Config, model: Flamingo, groups: ProcessGroups) -> nn.Module:
     dims = groups.dims
-    apply_tensor_parallel(model, groups)
+    parts = _shard_parts(model, dims)  # a rank-local model's stages; None: pp = 1 or a plain model
+    if getattr(model, "rank_shard", None) is None:
+        apply_tensor_parallel(model, groups)  # a rank-local model holds its TP shards already
     if dims.pp == 1:
         if cfg.parallel.activation_checkpointing:
             apply_activation_checkpointing(model)
@@ -222,8 +267,9 @@ def _build_module(cfg: Config, model: Flamingo, groups: ProcessGroups) -> nn.Mod
 
     loss = FusedHeadLoss(model.lm.head()) if cfg.model.kernels.fused_loss else flamingo_loss
     return build_pipeline_module(
-        model, groups, loss, partition=cfg.parallel.pipeline_partition,
-        costs=pipeline_layer_costs(cfg, model), activation_checkpointing=cfg.parallel.activation_checkpointing,
+        model, groups, loss, partition=cfg.parallel.pipeline_partition, parts=parts,
+        costs=pipeline_layer_costs(cfg, model) if parts is None else None,
+        activation_checkpointing=cfg.parallel.activation_checkpointing,
     )
 
 
@@ -235,8 +281,9 @@ def build_engine(cfg: Config, model: Flamingo, groups: ProcessGroups, *, batch_s
 
     Args:
         cfg: the run config (parallel, optim, train.precision; data streams for the batch size).
-        model: the plain model from `build_model`, the same weights on every rank. It is
-            tensor-parallelised here (in place) when tp > 1.
+        model: this rank's model from `build_rank_local_model` (its stage, TP shards), or a plain
+            model from `build_model` with the same weights on every rank, tensor-parallelised here
+            (in place) when tp > 1.
         groups: this rank's process groups (`build_groups`); their layout must be cfg's.
         batch_size: global samples per optimizer step; None: the enabled streams' sum.
         micro_batch_size: samples per micro-batch per rank; None: see `batch_layout`.

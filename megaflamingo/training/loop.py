@@ -3,9 +3,11 @@
     run(cfg, build_model, resume="auto")    # what launcher/pretrain.py calls on every rank
 
 The config is resolved once (`megaflamingo.resolve`: LM sizes, token ids, the layout) before any
-process group starts. Per optimizer step, every rank takes its micro-batches from the data loader
-(both streams in the configured ratio) and runs them through the one step function
-(`training.step`, plain or pipeline engine); rank 0 logs. Stream loss multipliers are per-sample
+process group starts. Then each rank builds only its own share of the model, after the process
+groups exist (`training.engine.build_rank_local_model`: its pipeline stage's layers, its TP slices,
+checkpoint slices read once; no rank ever holds the full model). Per optimizer step, every rank
+takes its micro-batches from the data loader (both streams in the configured ratio) and runs them
+through the one step function (`training.step`, plain or pipeline engine); rank 0 logs. Stream loss multipliers are per-sample
 `loss_weight`s, rescaled here so that the step's loss is sum_s multiplier_s * loss_s,
 OpenFlamingo's objective (reference §4.2), whatever the number of micro-batches: the engine
 averages over the step's micro-batches, so a stream with k of the step's n micro-batches gets
@@ -31,7 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from megaflamingo.config import Config, ConfigError, ModelConfig, to_dict
+from megaflamingo.config import Config, ConfigError, to_dict
 from megaflamingo.parallel.topology import ProcessGroups, build_groups
 from megaflamingo.resolve import resolve_config
 from megaflamingo.training.checkpoint import (commit_checkpoint, latest_checkpoint, layout_of,
@@ -135,7 +137,8 @@ class Trainer:
     Args:
         cfg: the resolved run config (`resolve_config`; `init_distributed` returns it).
         groups: this rank's process groups.
-        model: the model of `cfg.model`, the same initial weights on every rank.
+        model: this rank's model of `cfg.model` (`training.engine.build_rank_local_model`), or a
+            plain model with the same initial weights on every rank.
         resume: a checkpoint dir, "auto" (the latest under output_dir, if any) or None.
     Raises:
         ConfigError: no tokenizer, a data or checkpoint problem.
@@ -297,20 +300,26 @@ class Trainer:
         self.logger.close()
 
 
-def run(cfg: Config, build_model: Callable[[ModelConfig], nn.Module], resume: Optional[str] = "auto") -> int:
-    """Train on this rank: resolve, build, set up, loop; always end with barrier + destroy_process_group.
+def run(cfg: Config, build_model: Optional[Callable[[Config, ProcessGroups], nn.Module]] = None,
+        resume: Optional[str] = "auto") -> int:
+    """Train on this rank: resolve, start the groups, build this rank's model, set up, loop; always
+    end with barrier + destroy_process_group.
 
     Args:
         cfg: the loaded config (resolved here).
-        build_model: resolved model config -> model (`megaflamingo.builder.build_model`, which
-            also imports an OpenFlamingo checkpoint: training itself never imports convert/).
+        build_model: (resolved config, this rank's groups) -> this rank's model
+            (`megaflamingo.builder.build_training_model`, which also imports an OpenFlamingo
+            checkpoint: training itself never imports convert/); None:
+            `training.engine.build_rank_local_model`.
         resume: a checkpoint dir, "auto" or None.
     """
+    from megaflamingo.training.engine import build_rank_local_model
+
     cfg, groups = init_distributed(cfg)
     trainer = None
     try:
-        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        trainer = Trainer(cfg, groups, build_model(cfg.model), resume)
+        torch.manual_seed(cfg.train.seed)  # the same random state on every rank
+        trainer = Trainer(cfg, groups, (build_model or build_rank_local_model)(cfg, groups), resume)
         return trainer.train()
     finally:
         if trainer is not None:

@@ -1,7 +1,9 @@
 """Tiny Flamingo models, a synthetic global batch, the single-process reference, and the per-rank runs.
 
-The reference and every distributed layout start from the same weights (built under one seed,
-gates opened so every trainable parameter gets a gradient from step 1) and train on the same
+The reference and every distributed layout start from the same weights (one seed: the reference
+is `build_model(cfg, seed=SEED)`, each layout builds only its rank's share the way training does,
+`build_rank_local_model` with train.seed = SEED; gates opened so every trainable parameter gets a
+gradient from step 1) and train on the same
 global batch for STEPS optimizer steps. AdamW runs with a large eps, which makes each update
 nearly proportional to the (clipped) gradient: equal updated parameters then mean equal
 gradients, not just equal gradient signs (Adam with a small eps is blind to a gradient's scale).
@@ -30,6 +32,7 @@ from megaflamingo.config import (
 from tests.assets import TINY_VISION
 
 STEPS = 3
+SEED = 1234
 GLOBAL_BATCH = 8
 MICRO_BATCH = 2
 SEQ_LEN, MAX_MEDIA = 12, 2
@@ -67,20 +70,23 @@ def model_config(family: str) -> ModelConfig:
 def run_config(family: str, tp: int = 1, pp: int = 1, zero: int = 0, precision: str = "fp32",
                **parallel) -> Config:
     return Config(model=model_config(family), parallel=ParallelConfig(tp=tp, pp=pp, zero_stage=zero, **parallel),
-                  optim=OPTIM, train=TrainConfig(precision=precision))
+                  optim=OPTIM, train=TrainConfig(precision=precision, seed=SEED))
 
 
-def build_tiny_model(family: str):
-    """The model every run starts from: same seed, gates opened to fixed nonzero values."""
-    from megaflamingo.models.flamingo import build_model
-
-    torch.manual_seed(1234)
-    model = build_model(model_config(family))
+def open_gates(model):
+    """Gates to fixed nonzero values (a rank-local model: those of its stage; the rest are meta)."""
     with torch.no_grad():
         for i, block in enumerate(model.xattn.values()):
             block.attn_gate.fill_(0.5 + 0.1 * i)
             block.ff_gate.fill_(-0.4 - 0.1 * i)
     return model
+
+
+def build_tiny_model(family: str):
+    """The single-process model every run starts from: seed SEED, gates opened."""
+    from megaflamingo.models.flamingo import build_model
+
+    return open_gates(build_model(model_config(family), seed=SEED))
 
 
 def global_batch(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -154,6 +160,7 @@ class Layout:
     checkpointing: bool = False
     partition: tuple[int, ...] | None = None
     record_partitions: bool = False
+    check_old_path: bool = False  # also watch the old build (full model, then TP): it must be caught
 
 
 def _partition_numbers(engine) -> dict:
@@ -179,8 +186,30 @@ def _partition_numbers(engine) -> dict:
     }
 
 
+def _watched_build(cfg: Config, groups, layout: Layout) -> tuple[object, dict]:
+    """The training path's rank-local build under a `watch.BuildWatch`; what it (and, when asked,
+    the old full-model build) materialised beyond the rank's share."""
+    from megaflamingo.parallel.plan import apply_tensor_parallel
+    from megaflamingo.training.engine import build_rank_local_model
+    from tests.parallel.watch import BuildWatch, tp_full_shapes
+
+    with BuildWatch() as watch:
+        model = build_rank_local_model(cfg, groups)
+    held = [p for p in model.parameters() if p.device.type != "meta"]
+    full_shapes = tp_full_shapes(cfg.model, layout.tp)
+    out = {"build_problems": watch.problems(held, full_shapes), "held_numel": sum(p.numel() for p in held)}
+    if layout.check_old_path:  # what training did before: the whole model, then the TP plan
+        from megaflamingo.models.flamingo import construct_model
+
+        with BuildWatch() as old:
+            apply_tensor_parallel(construct_model(cfg.model), groups)
+        out["old_path_problems"] = old.problems(held, full_shapes)
+    return open_gates(model), out
+
+
 def train_layout(layout: Layout, world_size: int) -> dict:
-    """Build the layout's groups and engine, train STEPS steps; losses and gathered parameters."""
+    """Build the layout's groups, then this rank's model the way training does (only its share),
+    its engine; train STEPS steps; losses, gathered parameters, what the build materialised."""
     from megaflamingo.parallel.topology import ParallelDims, build_groups
     from megaflamingo.training.engine import build_engine, gather_trainable_state, split_batch, train_step
 
@@ -189,15 +218,16 @@ def train_layout(layout: Layout, world_size: int) -> dict:
     cfg = run_config(layout.family, tp=layout.tp, pp=layout.pp, zero=layout.zero, precision=layout.precision,
                      activation_checkpointing=layout.checkpointing,
                      pipeline_partition=None if layout.partition is None else list(layout.partition))
-    engine = build_engine(cfg, build_tiny_model(layout.family), groups, batch_size=GLOBAL_BATCH,
-                          micro_batch_size=MICRO_BATCH,
+    model, built = _watched_build(cfg, groups, layout)
+    engine = build_engine(cfg, model, groups, batch_size=GLOBAL_BATCH, micro_batch_size=MICRO_BATCH,
                           ds_overrides={"zero_optimization": {"stage": layout.zero,
                                                               "stage3_param_persistence_threshold": 0}})
     batch = global_batch()
     losses = [train_step(engine, split_batch(batch, engine, groups), groups) for _ in range(STEPS)]
     frozen = [p for p in engine.module.parameters() if not p.requires_grad]
     out = {"losses": losses, "params": {k: v.float() for k, v in gather_trainable_state(engine).items()},
-           "gas": engine.gradient_accumulation_steps(), "frozen_with_grad": sum(p.grad is not None for p in frozen)}
+           "gas": engine.gradient_accumulation_steps(), "frozen_with_grad": sum(p.grad is not None for p in frozen),
+           **built}
     if layout.record_partitions:
         out["partitions"] = _partition_numbers(engine)
     engine.destroy()

@@ -179,19 +179,22 @@ def _peak(lm_dir: Path, *args: str) -> dict:
 
 def test_building_memory_shrinks_with_the_shard(smollm2):
     """Peak RSS of the build alone, each in a fresh process: TP per rank and PP2 per stage against
-    one rank building everything, and against the old full-model-then-slice path. SmolLM2 has 9
-    query / 3 key-value heads, so TP2 is illegal: TP3 is the smallest tensor-parallel layout."""
+    one rank building everything, and against the old full-model-then-slice path; TP3 also through
+    the training path's entry. SmolLM2 has 9 query / 3 key-value heads, so TP2 is illegal: TP3 is
+    the smallest tensor-parallel layout."""
     old = _peak(smollm2, "--full")
     one = _peak(smollm2)
     tp3 = [_peak(smollm2, "--tp", "3", "--rank", "0")]  # rank 0 holds the most vocabulary rows
     pp2 = [_peak(smollm2, "--pp", "2", "--rank", str(r)) for r in range(2)]
+    trained = _peak(smollm2, "--training", "--tp", "3", "--rank", "0")  # training's own entry
     mib = lambda r: f"{r['peak_bytes'] / 2**20:.0f} MiB"  # noqa: E731
     print(f"SmolLM2-135M build peak RSS: old full path {mib(old)}, TP1 {mib(one)}, "
           f"TP3 {[mib(r) for r in tp3]}, PP2 {[mib(r) for r in pp2]}; parameters held: TP1 {one['params']}, "
-          f"TP3 {[r['params'] for r in tp3]}, PP2 {[r['params'] for r in pp2]}")
+          f"TP3 {[r['params'] for r in tp3]}, PP2 {[r['params'] for r in pp2]}; "
+          f"TP3 through build_rank_local_model {mib(trained)}")
     assert one["peak_bytes"] <= 1.1 * one["bytes"]  # the weights once: no second full copy
     assert one["peak_bytes"] <= 0.6 * old["peak_bytes"]
-    for r in tp3:
+    for r in [*tp3, trained]:
         assert r["peak_bytes"] <= 0.6 * one["peak_bytes"]
     for r in pp2:
         assert r["peak_bytes"] <= 0.6 * old["peak_bytes"]
@@ -228,3 +231,19 @@ def test_frozen_weights_in_bf16_trainable_in_fp32(tmp_path, fake_rank):
     for name, param in bf16.named_parameters():
         assert param.dtype == (torch.float32 if param.requires_grad else torch.bfloat16), name
         assert torch.equal(param, want[name].to(param.dtype)), name
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+def test_openflamingo_import_into_a_sharded_build_is_one_line_config_error(tp, pp, fake_rank, tmp_path):
+    """Importing a released checkpoint needs the whole model, which no rank of tp or pp > 1 holds:
+    training refuses before anything is built or read (the file need not exist)."""
+    from megaflamingo.builder import build_training_model
+    from megaflamingo.config import ConfigError
+    from tests.parallel.cases import run_config
+
+    cfg = run_config("llama", tp=tp, pp=pp)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, openflamingo_checkpoint=str(tmp_path / "of.pt")))
+    groups = fake_rank(ParallelDims(tp=tp, pp=pp), 0)
+    with pytest.raises(ConfigError, match=f"tp={tp} pp={pp}") as err:
+        build_training_model(cfg, groups)
+    assert "\n" not in str(err.value)

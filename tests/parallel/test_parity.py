@@ -6,6 +6,11 @@ must neither hang nor change the numbers).
 
 One spawn per world size runs all its layouts in turn (`cases.run_layouts`); the tests below
 only read the results. See `cases` for why updated parameters also pin the gradients.
+
+Every layout builds its model the way training does (`build_rank_local_model`: only the rank's
+stage and TP shards), watched (`watch.BuildWatch`): no rank creates a parameter it does not hold
+nor writes a tensor of the full shape of a TP-sharded parameter; the old full-model build, watched
+the same way on the TP2 and PP2 layouts, is caught.
 """
 
 from __future__ import annotations
@@ -18,8 +23,8 @@ from tests.parallel.harness import run_ranks
 pytestmark = pytest.mark.distributed
 
 PARITY = {
-    2: [Layout("tp2", tp=2), Layout("dp2-zero1", zero=1), Layout("dp2-zero2", zero=2),
-        Layout("dp2-zero3", zero=3, record_partitions=True), Layout("pp2", pp=2)],
+    2: [Layout("tp2", tp=2, check_old_path=True), Layout("dp2-zero1", zero=1), Layout("dp2-zero2", zero=2),
+        Layout("dp2-zero3", zero=3, record_partitions=True), Layout("pp2", pp=2, check_old_path=True)],
     4: [Layout("tp2-dp2-zero3", tp=2, zero=3), Layout("pp4", pp=4)],
     8: [Layout("tp2-pp2-dp2-zero1", tp=2, pp=2, zero=1)],
 }
@@ -95,6 +100,22 @@ def check_parity(ranks: list[dict], name: str, ref: dict, tol: float = 1e-5, del
                          ids=lambda v: v.name if isinstance(v, Layout) else f"{v}ranks")
 def test_layout_matches_single_process(world: int, layout: Layout, results, references) -> None:
     check_parity(results(world), layout.name, references[layout.family])
+
+
+@pytest.mark.parametrize("world,layout", CASES, ids=lambda v: v.name if isinstance(v, Layout) else f"{v}ranks")
+def test_each_rank_builds_only_its_share(world: int, layout: Layout, results) -> None:
+    from tests.parallel.cases import build_tiny_model
+
+    whole = sum(p.numel() for p in build_tiny_model(layout.family).parameters())
+    for rank, result in enumerate(results(world)):
+        run = result[layout.name]
+        assert run["build_problems"] == [], f"rank {rank}: {run['build_problems']}"
+        if layout.tp > 1 or layout.pp > 1:
+            assert run["held_numel"] < whole, (rank, run["held_numel"], whole)
+        else:
+            assert run["held_numel"] == whole
+        if layout.check_old_path:  # the watch catches a full-model build
+            assert run["old_path_problems"], f"rank {rank}: the old build was not caught"
 
 
 @pytest.mark.parametrize("world,layout", [c for c in CASES if c[1].precision == "bf16"],
