@@ -74,19 +74,20 @@ def _gather_slots(x: torch.Tensor, plan: ChunkPlan, dtype: torch.dtype, extra: i
     return out.index_fill_(0, pad, 0) if pad.numel() else out
 
 
-def _bmm_segments(a: list[torch.Tensor], b: list[torch.Tensor], out: list[torch.Tensor], scale: float = 1.0) -> None:
-    """out[s] = scale * a[s] @ b[s] per segment (beta = 0: out's old contents are ignored)."""
+def _bmm_segments(a: list[torch.Tensor], b: list[torch.Tensor], out: list[torch.Tensor]) -> None:
+    """out[s] = a[s] @ b[s] per segment (plain bmm: baddbmm with alpha, beta = 0 runs slower)."""
     for x, y, o in zip(a, b, out):
-        torch.baddbmm(o, x, y, beta=0, alpha=scale, out=o)
+        torch.bmm(x, y, out=o)
 
 
 class _ChunkAttention(torch.autograd.Function):
     """Attention of every image's chunk of tokens over its own latents, forward and backward by hand.
 
-    forward: scores = q_c k^T / sqrt(K), p = softmax(scores), o_c = p v per image chunk, read back
-    per token (zero / mean-of-values rows for tokens without an image);
-    backward: dv = p^T do_c, ds = p * (do_c v^T - rowsum(p * do_c v^T)), dq_c = ds k / sqrt(K),
-    dk = ds^T q_c / sqrt(K). Six batched matmuls per segment of the plan, all reading the keys and
+    forward: scores = q_c k^T with q_c = q / sqrt(K) (scaled once, saved scaled), p = softmax(scores),
+    o_c = p v per image chunk, read back per token (zero / mean-of-values rows for tokens without an
+    image);
+    backward: dv = p^T do_c, ds = p * (do_c v^T - rowsum(p * do_c v^T)), dk = ds^T q_c,
+    dq_c = ds k / sqrt(K). Six batched matmuls per segment of the plan, all reading the keys and
     values in place and writing dk, dv in place (one chunk per image: no copies, no index_add).
     Computes in fp32 (fp64 for fp64 inputs); outputs and gradients in the inputs' dtypes.
     """
@@ -98,12 +99,11 @@ class _ChunkAttention(torch.autograd.Function):
         cd = torch.float64 if q.dtype == torch.float64 else torch.float32
         I, SH = plan.num_images, plan.slot_token.numel() * H
         _, out_rows, _ = plan.head_rows(H)
-        q_c = _gather_slots(q, plan, cd)  # (S * H, K)
+        q_c = _gather_slots(q, plan, cd).mul_(K ** -0.5)  # (S * H, K), scaled once for scores and dk
         k_i = k.reshape(I * H, N, K).to(cd).contiguous()  # no copy for contiguous fp32 / fp64 keys
         v_i = v.reshape(I * H, N, K).to(cd).contiguous()
         scores = q_c.new_empty(SH, N)
-        _bmm_segments(_segments(q_c, plan, H), _images(k_i, plan, H, True), _segments(scores, plan, H),
-                      K ** -0.5)
+        _bmm_segments(_segments(q_c, plan, H), _images(k_i, plan, H, True), _segments(scores, plan, H))
         p = torch.softmax(scores, dim=-1, out=scores)  # (S * H, N), in place
         o_rows = q_c.new_empty(SH + 1 + (B * H if plan.any_over else 0), K)  # a zero row, then means
         _bmm_segments(_segments(p, plan, H), _images(v_i, plan, H), _segments(o_rows, plan, H))
@@ -129,12 +129,13 @@ class _ChunkAttention(torch.autograd.Function):
         dv = torch.empty_like(v_i)  # (I * H, N, K)
         _bmm_segments(_segments(p, plan, H, True), do_s, _images(dv, plan, H))
         ds = dp.sub_((p * dp).sum(dim=-1, keepdim=True)).mul_(p)  # (S * H, N), without the 1 / sqrt(K)
+        dk = torch.empty_like(k_i)
+        _bmm_segments(_segments(ds, plan, H, True), _segments(q_c, plan, H), _images(dk, plan, H))  # q_c scaled
+        ds.mul_(K ** -0.5)
         dq_rows = do_c  # do_c is read for the last time above: dq overwrites it
-        _bmm_segments(_segments(ds, plan, H), _images(k_i, plan, H), _segments(dq_rows, plan, H), K ** -0.5)
+        _bmm_segments(_segments(ds, plan, H), _images(k_i, plan, H), _segments(dq_rows, plan, H))
         dq_rows[SH].zero_()
         dq = dq_rows.index_select(0, grad_rows).to(ctx.dtypes[0]).view(B, T, H, K).transpose(1, 2)
-        dk = torch.empty_like(k_i)
-        _bmm_segments(_segments(ds, plan, H, True), _segments(q_c, plan, H), _images(dk, plan, H), K ** -0.5)
         if plan.any_over:  # tokens with text_time > M: d mean(v) / dv = 1 / (M * N) for every key
             d_mean = (plan.over.to(cd)[:, :, None, None] * dout.transpose(1, 2)).sum(1) / max(M * N, 1)  # (B, H, K)
             dv.view(B, M, H, N, K).add_(d_mean.view(B, 1, H, 1, K))
