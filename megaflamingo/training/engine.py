@@ -310,6 +310,10 @@ def build_engine(cfg: Config, model: Flamingo, groups: ProcessGroups, *, batch_s
                                       lr_scheduler=lr_scheduler, config=ds_config, mpu=mpu)
     if isinstance(optimizer, SkipNonFiniteAdamW):  # a bf16 wrapper steps it per group, checking itself
         optimizer.active = engine.optimizer is optimizer
+    if dims.dp == 1 and engine.optimizer is optimizer and dims.pp == 1:
+        # nothing to average over: DeepSpeed would still copy every gradient into a flat bucket,
+        # all-reduce it over a group of one and copy it back (a transient copy of all gradients)
+        engine.enable_backward_allreduce = False
     return engine
 
 
