@@ -19,8 +19,9 @@ frozen decoder layer keeps only what its norms, activation function and attentio
 | cross-attention block           | (5 D + 2 inner_l + 2 ff_l) a + 4 a (LN stats), and its core: per |
 |                                 | query slot 2 inner_l a + 4 H_l, per (image, chunk) 2 N inner_l a |
 | Perceiver (per image and layer) | (Dv (P+N) + 2 ff N + inner N + 4 N Dv) a + (4 N + 2 P) a          |
-|                                 | + its core in fp32 (SDPA's math path upcasts): 4 (inner N        |
-|                                 |   + 2 inner (P+N) + heads N (P+N)); once: Dv P a                  |
+|                                 | + its SDPA core (fused kernel: q and the k/v projection in a,    |
+|                                 |   the log-sum-exp in fp32): (inner N + 2 inner (P+N)) a          |
+|                                 |   + 4 heads N; once: Dv P a                                      |
 | head + loss (per token)         | 8 V_l (two fp32 (B, T, V_l) tensors of the cross entropy)        |
 |                                 | + the final norm's input                                         |
 
@@ -97,8 +98,9 @@ def perceiver_bytes(cfg: ModelConfig, v: VisionShape, mb: MicroBatch, a: int) ->
     """Saved bytes of the Perceiver over the micro-batch's B * M images (replicated over tp)."""
     p, Dv, P = cfg.perceiver, v.width, v.num_patches
     N, inner, ff = p.num_latents, p.heads * p.dim_head, p.ff_mult * Dv
-    # 5-D inputs take SDPA's math path, which upcasts 16-bit q, k, v and keeps fp32 probabilities
-    core = (inner * N + 2 * inner * (P + N) + p.heads * N * (P + N)) * 4
+    # SDPA's fused CPU kernel (4-D inputs) keeps q, the k/v projection's output and the fp32
+    # log-sum-exp (its output is the to_out input already counted); no score matrices
+    core = (inner * N + 2 * inner * (P + N)) * a + p.heads * N * 4
     per_layer = (Dv * (P + N) + 2 * ff * N + inner * N + 4 * N * Dv) * a + core + (4 * N + 2 * P) * a
     images = mb.batch * mb.num_media
     return images * (p.depth * per_layer + Dv * P * a)
