@@ -310,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_memory:
         mem = measure_memory(args.loss, args.warmup, args.step, args.memory_rounds)
         ratio = mem["megaflamingo"]["peak_rss_mib"] / mem["open_flamingo"]["peak_rss_mib"]
-        print(f"peak RSS (median of {args.memory_rounds}): open_flamingo {mem['open_flamingo']['peak_rss_mib']:.0f} MiB  "
+        print(f"peak RSS (median of {args.memory_rounds}): "
+              f"open_flamingo {mem['open_flamingo']['peak_rss_mib']:.0f} MiB  "
               f"megaflamingo {mem['megaflamingo']['peak_rss_mib']:.0f} MiB  ratio {ratio:.3f} (goal <= 0.8); all: "
               + "  ".join(f"{side} " + "/".join(f"{v:.0f}" for v in mem[side]["peak_rss_mib_all"]) for side in mem))
         result.update(memory=mem, peak_rss_ratio=ratio)

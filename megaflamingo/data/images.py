@@ -19,8 +19,9 @@ tensor afterwards (what the reference does).
 from __future__ import annotations
 
 import io
-from typing import Optional, Sequence
+from typing import Optional
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -101,7 +102,7 @@ class ImageTransform:
             out: a contiguous float32 view to fill, shape (3, H, W).
             flip: mirror left-right.
         """
-        pixels = torch.frombuffer(bytearray(self.pil_stage(image).tobytes()), dtype=torch.uint8).view(*self.size, 3)
+        pixels = torch.from_numpy(np.array(self.pil_stage(image)))  # (H, W, 3) uint8, one copy
         if flip:
             pixels = pixels.flip(1)
         out.copy_(pixels.permute(2, 0, 1))

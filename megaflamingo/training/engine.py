@@ -257,8 +257,8 @@ def _shard_parts(model: Flamingo, dims: ParallelDims) -> list[int] | None:
 def _build_module(cfg: Config, model: Flamingo, groups: ProcessGroups) -> nn.Module:
     dims = groups.dims
     parts = _shard_parts(model, dims)  # a rank-local model's stages; None: pp = 1 or a plain model
-    if getattr(model, "rank_shard", None) is None:
-        apply_tensor_parallel(model, groups)  # a rank-local model holds its TP shards already
+    if getattr(model, "rank_shard", None) is None:  # a rank-local model holds its TP shards already
+        apply_tensor_parallel(model, groups)
     if dims.pp == 1:
         if cfg.parallel.activation_checkpointing:
             apply_activation_checkpointing(model)

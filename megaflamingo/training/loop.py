@@ -7,9 +7,9 @@ process group starts. Then each rank builds only its own share of the model, aft
 groups exist (`training.engine.build_rank_local_model`: its pipeline stage's layers, its TP slices,
 checkpoint slices read once; no rank ever holds the full model). Per optimizer step, every rank
 takes its micro-batches from the data loader (both streams in the configured ratio) and runs them
-through the one step function (`training.step`, plain or pipeline engine); rank 0 logs. Stream loss multipliers are per-sample
-`loss_weight`s, rescaled here so that the step's loss is sum_s multiplier_s * loss_s,
-OpenFlamingo's objective (reference §4.2), whatever the number of micro-batches: the engine
+through the one step function (`training.step`, plain or pipeline engine); rank 0 logs. Stream
+loss multipliers are per-sample `loss_weight`s, rescaled here so that the step's loss is
+sum_s multiplier_s * loss_s, OpenFlamingo's objective (reference §4.2), whatever the number of micro-batches: the engine
 averages over the step's micro-batches, so a stream with k of the step's n micro-batches gets
 weight multiplier * n / k.
 

@@ -44,10 +44,17 @@ def load_reference():
     train_dir = str(Path(open_flamingo.__file__).parent / "train")
     if train_dir not in sys.path:
         sys.path.insert(0, train_dir)
-    sys.modules.setdefault("wandb", types.ModuleType("wandb"))
-    import data as ref_data  # noqa: the reference's own module name
-    import train_utils as ref_train
-
+    # train_utils imports wandb at the top: a stub only for that import, then gone again (left in
+    # sys.modules, its missing __spec__ makes transformers' later find_spec("wandb") raise)
+    stub = "wandb" not in sys.modules
+    if stub:
+        sys.modules["wandb"] = types.ModuleType("wandb")
+    try:
+        import data as ref_data  # noqa: the reference's own module name
+        import train_utils as ref_train
+    finally:
+        if stub:
+            del sys.modules["wandb"]
     return ref_data, ref_train
 
 

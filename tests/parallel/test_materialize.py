@@ -242,7 +242,8 @@ def test_openflamingo_import_into_a_sharded_build_is_one_line_config_error(tp, p
     from tests.parallel.cases import run_config
 
     cfg = run_config("llama", tp=tp, pp=pp)
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, openflamingo_checkpoint=str(tmp_path / "of.pt")))
+    model_cfg = dataclasses.replace(cfg.model, openflamingo_checkpoint=str(tmp_path / "of.pt"))
+    cfg = dataclasses.replace(cfg, model=model_cfg)
     groups = fake_rank(ParallelDims(tp=tp, pp=pp), 0)
     with pytest.raises(ConfigError, match=f"tp={tp} pp={pp}") as err:
         build_training_model(cfg, groups)
