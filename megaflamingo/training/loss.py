@@ -106,7 +106,8 @@ def fused_flamingo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torc
         vocab_start: first vocabulary row of `weight`.
         added: (A, D) a tied head's trainable rows, replacing rows `added_ids` of `weight`, or None.
         added_ids: (A,) their global ids.
-        chunk_tokens: token rows per logit chunk (None: about 16 MiB of fp32 logits per chunk).
+        chunk_tokens: token rows per logit chunk (None: `default_chunk_tokens`: 16 MiB of fp32 logits,
+            at least 512 rows).
         impl: "auto", "triton" or "reference" (see megaflamingo.kernels.linear_ce).
     Returns:
         Scalar float32 loss, differentiable in hidden, weight and added.
