@@ -11,8 +11,11 @@ with a target are gathered. Those are walked C at a time: a (C, V_local) fp32 lo
 formed, its row statistics are computed (and all-reduced over `group` when the vocabulary is
 sharded, as `vocab_parallel_cross_entropy` does), and the chunk is turned in place into dL/dlogits,
 from which dL/dhidden, dL/dweight and dL/dadded are accumulated right away (Liger-Kernel's
-FusedLinearCrossEntropy idea). Peak memory: one chunk plus the gradients, never N x V.
-The backward only scales the stored gradients by the incoming scalar.
+FusedLinearCrossEntropy idea). When one rank holds the whole vocabulary, the PyTorch path turns the
+chunk into dL/dlogits with torch's log_softmax instead (`reference.log_softmax_grad_`): the token
+losses are then torch's cross_entropy bit for bit (its gradient is within an ulp of autograd's).
+Peak memory: one chunk plus the gradients, never N x V. The backward only scales the stored
+gradients by the incoming scalar.
 
 `impl="auto"` runs the Triton row kernels (`triton.py`) on CUDA tensors when triton imports, the
 PyTorch steps (`reference.py`) elsewhere; the matmuls are torch's in both.
@@ -119,6 +122,9 @@ def _forward(hidden: torch.Tensor, weight: torch.Tensor, added: torch.Tensor | N
     dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_dw else None
     da = torch.zeros(added.shape, dtype=torch.float32, device=added.device) if want_da else None
     C = chunk_tokens or default_chunk_tokens(V_local)
+    # one rank holds the whole vocabulary: the reference's single log_softmax step (the Triton
+    # kernels keep the three steps)
+    whole = hasattr(steps, "log_softmax_grad_") and (group is None or dist.get_world_size(group) == 1)
     # one logit buffer for every chunk: a fresh (C, V_local) allocation per chunk costs page faults
     buf = torch.empty(min(C, rows.numel()), V_local, dtype=torch.float32, device=hidden.device)
     for lo in range(0, rows.numel(), C):
@@ -130,10 +136,13 @@ def _forward(hidden: torch.Tensor, weight: torch.Tensor, added: torch.Tensor | N
             z.copy_(h @ weight.t())
         if cols is not None and cols.numel():
             z[:, cols] = (h @ added[mine].t()).float()
-        peak = _all_reduce(steps.row_peak(z), group, dist.ReduceOp.MAX)
-        sumexp, zt = _all_reduce(steps.exp_shifted_(z, peak, t), group)  # z <- exp(z - peak)
-        loss += (s * (sumexp.log() - zt)).sum()
-        g = steps.exp_to_grad_(z, sumexp, t, s)  # dL/dz, (C, V_local) fp32
+        if whole:  # nothing to all-reduce: torch's row-wise log_softmax, z <- dL/dz
+            loss += (s * steps.log_softmax_grad_(z, t, s)).sum()
+        else:
+            peak = _all_reduce(steps.row_peak(z), group, dist.ReduceOp.MAX)
+            sumexp, zt = _all_reduce(steps.exp_shifted_(z, peak, t), group)  # z <- exp(z - peak)
+            loss += (s * (sumexp.log() - zt)).sum()
+        g = z if whole else steps.exp_to_grad_(z, sumexp, t, s)  # dL/dz, (C, V_local) fp32
         g_added = g[:, cols] if cols is not None and cols.numel() else None
         if g_added is not None:
             g[:, cols] = 0.0  # those columns come from `added`, not from the base rows

@@ -15,6 +15,13 @@ loss w.r.t. those logits. The formulas are `megaflamingo.parallel.layers.vocab_p
 
 Each step works on the chunk in place (z -> exp(z - peak) -> dL/dz): one (C, V_local) buffer,
 five passes over it (max, subtract, exp, sum, scale).
+
+When one rank holds the whole vocabulary there is nothing to all-reduce, and `log_softmax_grad_`
+replaces the three steps: torch's row-wise log_softmax kernel (max, sum and output per row while
+the row is in cache), so the token losses are torch's cross_entropy bit for bit, and the gradient
+is formed as log_softmax's backward forms it (exp(log p) * scale, then - scale at the target;
+that kernel's own exp can differ from torch.exp by an ulp).
+Three passes over the chunk instead of five (~30 vs ~42 ms for 502 x 32k fp32 on one CPU thread).
 """
 
 from __future__ import annotations
@@ -66,3 +73,21 @@ def exp_to_grad_(exp_shifted: torch.Tensor, sumexp: torch.Tensor, local_target: 
     rows = torch.nonzero(local_target >= 0)[:, 0]
     grad[rows, local_target[rows]] -= scale[rows]
     return grad
+
+
+def log_softmax_grad_(logits: torch.Tensor, target: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The whole vocabulary's steps in one, in place: logits <- dL/dz; returns the token losses.
+
+    Args:
+        logits: (C, V) fp32 chunk over the whole vocabulary (overwritten with dL/dlogits).
+        target: (C,) long target columns, all in [0, V).
+        scale: (C,) fp32 d loss / d (token loss).
+    Returns:
+        (C,) fp32 -log_softmax(z)[target], equal to torch.nn.functional.cross_entropy's per-token
+        loss (reduction="none").
+    """
+    logp = torch.log_softmax(logits, dim=-1, out=logits)  # row by row: each row read before written
+    loss = -logp.gather(1, target[:, None])[:, 0]
+    grad = logp.exp_().mul_(scale[:, None])
+    grad[torch.arange(grad.shape[0], device=grad.device), target] -= scale
+    return loss

@@ -143,6 +143,30 @@ def test_default_chunks_hold_at_least_512_rows():
     torch.testing.assert_close(grad, torch.autograd.grad(plain, hidden)[0], **TOL)
 
 
+@pytest.mark.parametrize("chunk", [7, None])
+def test_whole_vocabulary_is_torch_cross_entropy_bit_for_bit(chunk):
+    """One rank, whole vocabulary: the summed token losses are exactly those of torch's linear +
+    cross_entropy (reduction "sum"), as OpenFlamingo computes them; dL/dhidden is autograd's up to
+    fp32 rounding (log_softmax's backward kernel has its own exp: dL/dz differs by <= 1 ulp)."""
+    torch.manual_seed(0)
+    N, D, V = 40, 16, 301
+    weight, hidden = torch.randn(V, D), torch.randn(N, D, requires_grad=True)
+    targets = torch.randint(0, V, (N,))
+    targets[::5] = -100
+    fused = linear_cross_entropy(hidden, weight, targets, torch.ones(N), chunk_tokens=chunk)
+    (dh,) = torch.autograd.grad(fused, hidden)
+    keep = targets != -100
+    h = hidden.detach()[keep].requires_grad_()
+    plain = nn.functional.cross_entropy(h @ weight.t(), targets[keep], reduction="none").sum()
+    (dh_plain,) = torch.autograd.grad(plain, h)
+    if chunk is None:  # one chunk: the loss is one sum over the same token losses
+        assert torch.equal(fused, plain)
+    else:
+        torch.testing.assert_close(fused, plain, rtol=1e-6, atol=0)
+    torch.testing.assert_close(dh[keep], dh_plain, rtol=1e-5, atol=1e-6)
+    assert not dh[~keep].any()
+
+
 def test_bad_arguments_raise():
     h, w = torch.randn(4, 8), torch.randn(10, 8)
     t, s = torch.zeros(4, dtype=torch.long), torch.ones(4)
