@@ -42,10 +42,12 @@ __all__ = ["IMPLS", "LinearCrossEntropyFunction", "default_chunk_tokens", "linea
 IMPLS = ("auto", "triton", "reference")
 CHUNK_ELEMENTS = 1 << 22
 """Logit elements per chunk by default (16 MiB of fp32), unless that is fewer than CHUNK_MIN_ROWS rows."""
-CHUNK_MIN_ROWS = 512
+CHUNK_MIN_ROWS = 256
 """Token rows per chunk at least, by default. Each chunk's two matmuls read the whole (V_local, D)
 weight (and MKL packs it again in every CPU call), so few rows per chunk leave them bound by that
-traffic: on the 2-core CPU, 131-row chunks ran the head's matmuls ~20% slower than 502 rows."""
+traffic. On the 2-core CPU, the benchmark's loss (502 target rows, V = 32k, forward + dL/dh) took
+~500 ms in 131-row chunks, ~417 ms in 256-row and ~406 ms in one 502-row chunk; the 64 MiB chunk
+became the step's peak RSS (+~45 MiB), the 32 MiB one did not."""
 
 
 def triton_available() -> bool:
@@ -55,7 +57,7 @@ def triton_available() -> bool:
 
 def default_chunk_tokens(vocab_local: int) -> int:
     """C such that a (C, V_local) fp32 chunk holds about CHUNK_ELEMENTS values, and at least
-    CHUNK_MIN_ROWS rows (a 512 x 32k chunk is 64 MiB, a 512 x 128k one 256 MiB)."""
+    CHUNK_MIN_ROWS rows (a 256 x 32k chunk is 32 MiB, a 256 x 128k one 128 MiB)."""
     return max(CHUNK_MIN_ROWS, CHUNK_ELEMENTS // max(vocab_local, 1))
 
 

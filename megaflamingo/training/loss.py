@@ -107,7 +107,7 @@ def fused_flamingo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torc
         added: (A, D) a tied head's trainable rows, replacing rows `added_ids` of `weight`, or None.
         added_ids: (A,) their global ids.
         chunk_tokens: token rows per logit chunk (None: `default_chunk_tokens`: 16 MiB of fp32 logits,
-            at least 512 rows).
+            at least 256 rows).
         impl: "auto", "triton" or "reference" (see megaflamingo.kernels.linear_ce).
     Returns:
         Scalar float32 loss, differentiable in hidden, weight and added.

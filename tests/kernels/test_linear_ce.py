@@ -125,19 +125,19 @@ def test_never_materialises_all_logits():
     assert mode.largest <= chunk * V < B * T * V
 
 
-def test_default_chunks_hold_at_least_512_rows():
-    """With a vocabulary whose 16 MiB chunk would be 256 rows, the default chunk is 512 rows (the
-    head's matmuls re-read the whole weight per chunk); over 3 chunks the loss and gradients are
+def test_default_chunks_hold_at_least_256_rows():
+    """With a vocabulary whose 16 MiB chunk would be 128 rows, the default chunk is 256 rows (the
+    head's matmuls re-read the whole weight per chunk); over 4 chunks the loss and gradients are
     the plain loss's."""
     from megaflamingo.kernels.linear_ce import CHUNK_MIN_ROWS, default_chunk_tokens
 
-    B, T, D, V = 3, 700, 8, 16384  # ~1,390 target rows (the last sample has none)
-    assert default_chunk_tokens(V) == CHUNK_MIN_ROWS == 512 and default_chunk_tokens(1000) == 4194
+    B, T, D, V = 3, 400, 8, 32768  # ~790 target rows (the last sample has none)
+    assert default_chunk_tokens(V) == CHUNK_MIN_ROWS == 256 and default_chunk_tokens(1000) == 4194
     proj, hidden, labels, loss_weight = make_case(False, False, B=B, T=T, D=D, V=V)
     with _LargestTensor() as mode:
         fused = fused_flamingo_loss(hidden, proj.weight, labels, loss_weight)
         grad = torch.autograd.grad(fused, hidden)[0]
-    assert mode.largest == 512 * V  # the chunk buffer: 512 rows, not 256 and not all B * T
+    assert mode.largest == 256 * V  # the chunk buffer: 256 rows, not 128 and not all B * T
     plain = flamingo_loss(proj(hidden), labels, loss_weight)
     torch.testing.assert_close(fused, plain, **TOL)
     torch.testing.assert_close(grad, torch.autograd.grad(plain, hidden)[0], **TOL)
