@@ -73,12 +73,13 @@ def resolve_checkpoint(cfg, checkpoint: str) -> Path | None:
     return path
 
 
-def build_evaluator(cfg, checkpoint: Path | None, device: torch.device, seed: int = 0,
+def build_evaluator(cfg, checkpoint: Path | None, device: torch.device, seed: int | None = None,
                     kv_cache: bool = True) -> Evaluator:
     """The config's model with the checkpoint's trainable weights, its tokenizer and transform.
 
     Weights that neither the config's sources nor the checkpoint provide (a random tower or LM in
-    tests) are drawn after `torch.manual_seed(seed)`, so every rank and every run builds the same model.
+    tests) are drawn from `seed`, by default the config's train.seed: the frozen weights the
+    training run started from (and kept), on every rank and in every run.
     """
     from megaflamingo.data.images import build_image_transform
     from megaflamingo.data.tokenizer import load_tokenizer
@@ -86,8 +87,9 @@ def build_evaluator(cfg, checkpoint: Path | None, device: torch.device, seed: in
     from megaflamingo.training.checkpoint import load_trainable_weights
 
     tokenizer, ids = load_tokenizer(cfg.model.tokenizer)
+    seed = cfg.train.seed if seed is None else seed
     torch.manual_seed(seed)
-    model = build_model(cfg.model).eval()
+    model = build_model(cfg.model, seed=seed).eval()
     if checkpoint is not None:
         load_trainable_weights(model, checkpoint)
     decoder = CachedDecoder if kv_cache else UncachedDecoder

@@ -48,6 +48,22 @@ def env(tmp_path_factory):
             "ckpt": ckpt, "cfg": cfg}
 
 
+def test_evaluator_builds_the_frozen_weights_training_started_from(env):
+    """A config with a random LM and tower (tiny.yaml): the evaluator draws them from train.seed,
+    as training does, so a checkpoint's trainable weights meet the frozen ones they were trained
+    with (it used to draw from seed 0 while train.seed is 42)."""
+    from megaflamingo import build_model
+
+    cfg = env["cfg"]
+    trained_from = build_model(cfg.model, seed=cfg.train.seed).state_dict()
+    other = build_model(cfg.model, seed=cfg.train.seed + 1).state_dict()
+    got = env["ev"].model.state_dict()
+    frozen = [n for n, p in env["ev"].model.named_parameters() if not p.requires_grad]
+    assert frozen and any(not torch.equal(trained_from[n], other[n]) for n in frozen)
+    for name in frozen:
+        assert torch.equal(got[name], trained_from[name]), name
+
+
 def test_prompts_are_openflamingo_s():
     q = Example(1, Path("q.jpg"), "what is it?", "x")
     d = [Example(2, Path("a.jpg"), "is it red?", "yes"), Example(3, Path("b.jpg"), "how many?", "two")]
