@@ -14,7 +14,8 @@ from which dL/dhidden, dL/dweight and dL/dadded are accumulated right away (Lige
 FusedLinearCrossEntropy idea). When one rank holds the whole vocabulary, the PyTorch path turns the
 chunk into dL/dlogits with torch's log_softmax instead (`reference.log_softmax_grad_`): the token
 losses are then torch's cross_entropy bit for bit (its gradient is within an ulp of autograd's).
-Peak memory: one chunk plus the gradients, never N x V. The backward only scales the stored
+Peak memory: one chunk plus the gradients, never N x V. The token losses are kept and summed once
+at the end, so the loss does not depend on the chunk length. The backward only scales the stored
 gradients by the incoming scalar.
 
 `impl="auto"` runs the Triton row kernels (`triton.py`) on CUDA tensors when triton imports, the
@@ -119,7 +120,7 @@ def _forward(hidden: torch.Tensor, weight: torch.Tensor, added: torch.Tensor | N
     h_all, t_all, s_all = hidden.index_select(0, rows), targets.index_select(0, rows), scale.index_select(0, rows)
     local_t = t_all - vocab_start
     local_t = torch.where((local_t >= 0) & (local_t < V_local), local_t, -1)
-    loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    token_loss = torch.empty(rows.numel(), dtype=torch.float32, device=hidden.device)
     dh = torch.empty_like(h_all) if want_dh else None
     dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_dw else None
     da = torch.zeros(added.shape, dtype=torch.float32, device=added.device) if want_da else None
@@ -139,11 +140,11 @@ def _forward(hidden: torch.Tensor, weight: torch.Tensor, added: torch.Tensor | N
         if cols is not None and cols.numel():
             z[:, cols] = (h @ added[mine].t()).float()
         if whole:  # nothing to all-reduce: torch's row-wise log_softmax, z <- dL/dz
-            loss += (s * steps.log_softmax_grad_(z, t, s)).sum()
+            token_loss[lo:lo + C] = steps.log_softmax_grad_(z, t, s)
         else:
             peak = _all_reduce(steps.row_peak(z), group, dist.ReduceOp.MAX)
             sumexp, zt = _all_reduce(steps.exp_shifted_(z, peak, t), group)  # z <- exp(z - peak)
-            loss += (s * (sumexp.log() - zt)).sum()
+            token_loss[lo:lo + C] = sumexp.log() - zt
         g = z if whole else steps.exp_to_grad_(z, sumexp, t, s)  # dL/dz, (C, V_local) fp32
         g_added = g[:, cols] if cols is not None and cols.numel() else None
         if g_added is not None:
@@ -160,6 +161,7 @@ def _forward(hidden: torch.Tensor, weight: torch.Tensor, added: torch.Tensor | N
             dw += (g.t() @ h).float()
         if want_da and g_added is not None:
             da[mine] += (g_added.to(added.dtype).t() @ h).float()
+    loss = (s_all.float() * token_loss).sum()  # one sum over every row: the same loss for any chunk length
     full_dh = torch.zeros_like(hidden).index_copy_(0, rows, dh) if want_dh else None
     empty = hidden.new_empty(0)
     return loss, (full_dh if want_dh else empty, dw.to(weight.dtype) if want_dw else empty,
