@@ -232,6 +232,9 @@ def _perceiver(cfg: ModelConfig, v: VisionShape, num_media: int) -> ComponentFlo
     kv = 2 * Dv * inner  # on the P + N keys
     params = p.depth * (q_out_ff + kv)
     weighted = num_media * p.depth * (q_out_ff * N + kv * (P + N))
+    # the first layer's latents are one block for every image: to_q and the latents' to_kv rows
+    # run once (`PerceiverAttention`); counted once per sample, which is exact at micro-batch 1
+    weighted -= max(num_media - 1, 0) * N * 3 * Dv * inner
     attn = num_media * p.depth * 4.0 * N * (P + N) * inner
     return _component("perceiver", params, weighted / params, passes=3, trainable=True, attn_fwd=attn)
 

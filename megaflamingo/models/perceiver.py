@@ -50,9 +50,18 @@ class PerceiverAttention(nn.Module):
     def forward(self, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         """Args: media (B, M, P, Dv); latents (B, M, N, Dv). Returns: (B, M, N, Dv)."""
         B, M, N, _ = latents.shape
-        media, latents = self.norm_media(media), self.norm_latents(latents)
-        q = self.to_q(latents)  # (B, M, N, H*K)
-        k, v = self.to_kv(torch.cat([media, latents], dim=2)).chunk(2, dim=-1)  # (B, M, P+N, H*K)
+        media = self.norm_media(media)
+        if latents.stride(0) == 0 and latents.stride(1) == 0:
+            # the first layer's learned latents, one block expanded over every image: normed and
+            # projected once (the same values, with 1 / (B * M) of those matmuls' FLOPs)
+            one = self.norm_latents(latents[0, 0])  # (N, Dv)
+            q = self.to_q(one).expand(B, M, N, -1)  # (B, M, N, H*K)
+            kv = torch.cat([self.to_kv(media), self.to_kv(one).expand(B, M, N, -1)], dim=2)
+        else:
+            latents = self.norm_latents(latents)
+            q = self.to_q(latents)
+            kv = self.to_kv(torch.cat([media, latents], dim=2))
+        k, v = kv.chunk(2, dim=-1)  # (B, M, P+N, H*K)
 
         def heads(x: torch.Tensor) -> torch.Tensor:  # (B, M, L, H*K) -> (B, M, H, L, K)
             return x.unflatten(-1, (self.heads, self.dim_head)).transpose(2, 3)
