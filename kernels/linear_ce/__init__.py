@@ -127,7 +127,7 @@ def _forward(hidden: torch.Tensor, weight: torch.Tensor, added: torch.Tensor | N
     C = chunk_tokens or default_chunk_tokens(V_local)
     # one rank holds the whole vocabulary: the reference's single log_softmax step (the Triton
     # kernels keep the three steps)
-    whole = hasattr(steps, "log_softmax_grad_") and (group is None or dist.get_world_size(group) == 1)
+    whole = steps is reference and (group is None or dist.get_world_size(group) == 1)
     # one logit buffer for every chunk: a fresh (C, V_local) allocation per chunk costs page faults
     buf = torch.empty(min(C, rows.numel()), V_local, dtype=torch.float32, device=hidden.device)
     for lo in range(0, rows.numel(), C):
@@ -139,13 +139,14 @@ def _forward(hidden: torch.Tensor, weight: torch.Tensor, added: torch.Tensor | N
             z.copy_(h @ weight.t())
         if cols is not None and cols.numel():
             z[:, cols] = (h @ added[mine].t()).float()
-        if whole:  # nothing to all-reduce: torch's row-wise log_softmax, z <- dL/dz
+        if whole:  # nothing to all-reduce: torch's row-wise log_softmax
             token_loss[lo:lo + C] = steps.log_softmax_grad_(z, t, s)
         else:
             peak = _all_reduce(steps.row_peak(z), group, dist.ReduceOp.MAX)
             sumexp, zt = _all_reduce(steps.exp_shifted_(z, peak, t), group)  # z <- exp(z - peak)
             token_loss[lo:lo + C] = sumexp.log() - zt
-        g = z if whole else steps.exp_to_grad_(z, sumexp, t, s)  # dL/dz, (C, V_local) fp32
+            steps.exp_to_grad_(z, sumexp, t, s)
+        g = z  # now dL/dz, (C, V_local) fp32
         g_added = g[:, cols] if cols is not None and cols.numel() else None
         if g_added is not None:
             g[:, cols] = 0.0  # those columns come from `added`, not from the base rows

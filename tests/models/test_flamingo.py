@@ -110,3 +110,22 @@ def test_cost_does_not_build_a_dense_media_mask(monkeypatch):
     model = build_model(tiny_config())
     images, ids, mask = batch(M=33)
     model(images, ids, mask).sum().backward()
+
+
+def test_perceiver_shared_latents_are_projected_once_with_the_same_values():
+    """The first layer's latents (the parameter expanded over every image) are normed and projected
+    once: the output equals that of the same latents materialised per image bit for bit, and the
+    gradients agree to fp32 rounding (the per-image rows are summed before, not after, to_q / to_kv)."""
+    from megaflamingo.models.perceiver import PerceiverAttention
+
+    torch.manual_seed(0)
+    attn = PerceiverAttention(dim=32, heads=2, dim_head=16)
+    media = torch.randn(2, 3, 5, 32)
+    latents = torch.randn(8, 32, requires_grad=True)
+    shared = attn(media, latents.expand(2, 3, -1, -1))
+    per_image = attn(media, latents.expand(2, 3, -1, -1).contiguous())
+    assert torch.equal(shared, per_image)
+    wrt = [latents, attn.to_q.weight, attn.to_kv.weight, attn.norm_latents.weight]
+    g = torch.randn_like(shared)
+    for a, b in zip(torch.autograd.grad(shared, wrt, g), torch.autograd.grad(per_image, wrt, g)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
