@@ -98,8 +98,11 @@ def build_evaluator(cfg, checkpoint: Path | None, device: torch.device, seed: in
 
 def init_ranks() -> Ranks:
     """Ranks from the launcher's environment (torchrun / deepspeed); gloo for the gathers."""
+    from megaflamingo.parallel.topology import import_before_process_group
+
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not torch.distributed.is_initialized():
+        import_before_process_group()
         torch.distributed.init_process_group("gloo")
     return Ranks(int(os.environ.get("RANK", "0")), world)
 

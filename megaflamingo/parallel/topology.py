@@ -82,6 +82,18 @@ class ProcessGroups:
     pp: object
 
 
+def import_before_process_group() -> None:
+    """Import torch.distributed.fsdp, which must come before torch.distributed starts.
+
+    Imported after init_process_group (transformers' modeling_utils imports it when a model is
+    built), it takes ten references to the default group that destroy_process_group does not
+    drop (torch 2.14). The group's gloo threads then outlive it, and now and then the process
+    aborts at exit ("terminate called without an active exception", SIGABRT) after a run that
+    finished. Every place that starts torch.distributed calls this first.
+    """
+    import torch.distributed.fsdp  # noqa: F401
+
+
 def build_groups(dims: ParallelDims) -> ProcessGroups:
     """Create every group of every axis (collectively, on all ranks) and keep this rank's.
 

@@ -66,7 +66,10 @@ def init_distributed_backend() -> None:
     """
     import deepspeed
 
+    from megaflamingo.parallel.topology import import_before_process_group
+
     skip_shm_op_build()
+    import_before_process_group()
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():

@@ -64,6 +64,7 @@ def _init(rank: int, world_size: int, port: int, timeout_s: float) -> None:
     os.environ.update(ENV, RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       LOCAL_SIZE=str(world_size), MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    from megaflamingo.parallel.topology import import_before_process_group
     from megaflamingo.training.engine import skip_shm_op_build
 
     skip_shm_op_build()
@@ -71,6 +72,7 @@ def _init(rank: int, world_size: int, port: int, timeout_s: float) -> None:
     import deepspeed.utils
 
     deepspeed.utils.logger.setLevel("WARNING")
+    import_before_process_group()
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size,
                                          timeout=datetime.timedelta(seconds=timeout_s))
     deepspeed.init_distributed(dist_backend="gloo")
