@@ -4,6 +4,7 @@
     python benchmarks/step.py --repeats 9 --json benchmarks/results/step_cpu.json
     python benchmarks/step.py --loss plain         # megaflamingo with the full-logits loss
     python benchmarks/step.py --step engine        # megaflamingo through build_engine + training.step
+    python benchmarks/step.py --matmul-floor       # also each side's matmul GFLOP / ms and this core's sgemm rate
 
 Shapes: B batch, T text tokens, M images per sample, V vocabulary rows.
 
@@ -185,6 +186,66 @@ def time_interleaved(trainers: dict, batch: dict, warmup: int, repeats: int) -> 
                    "loss_first": first[name], "loss_last": last[name]} for name in trainers}
 
 
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+
+
+def _matmul_flops(name: str, shapes: list) -> int:
+    """Multiply-add FLOPs (2 m n k) of one profiled matmul from its input shapes."""
+    a, b = (shapes[1], shapes[2]) if name in ("aten::addmm", "aten::baddbmm") else (shapes[0], shapes[1])
+    batch = a[0] if len(a) == 3 else 1
+    return 2 * batch * a[-2] * a[-1] * b[-1]
+
+
+def matmul_work(trainer, batch: dict, steps: int = 2) -> dict:
+    """What one training step spends in matrix multiplies: GFLOP and milliseconds (torch.profiler,
+    self CPU time of aten::mm / addmm / bmm / baddbmm, averaged over `steps` steps)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(steps):
+            train_step(trainer, batch)
+    flops = seconds = 0.0
+    for event in prof.events():
+        if event.name in MATMUL_OPS:
+            flops += _matmul_flops(event.name, [list(s) for s in event.input_shapes])
+            seconds += event.self_cpu_time_total / 1e6
+    return {"gflop": flops / steps / 1e9, "ms": seconds / steps * 1e3}
+
+
+def sgemm_peak_gflops(n: int = 2048, repeats: int = 9) -> float:
+    """This core's fp32 matmul rate on one large square product: the fastest of `repeats` (the same
+    product varies by up to ~25% between runs on a shared machine; the fastest bounds the floor)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * n ** 3 / min(times) / 1e9
+
+
+def matmul_floor(trainers: dict, batch: dict, timing: dict) -> dict:
+    """Each side's matmul work and the rest of its step, and what the step-time goal leaves.
+
+    The rest is the median (unprofiled) step minus the profiled matmul time. The floor is
+    megaflamingo's matmul FLOPs at the large-square sgemm rate measured here: no arrangement of the
+    same fp32 products on this core is expected to beat it.
+    """
+    peak = sgemm_peak_gflops()
+    out: dict = {"sgemm_peak_gflops": peak}
+    for name, trainer in trainers.items():
+        work = matmul_work(trainer, batch)
+        work["gflops_rate"] = work["gflop"] / work["ms"] * 1e3
+        work["rest_ms"] = timing[name]["step_s"] * 1e3 - work["ms"]
+        out[name] = work
+    mf, of_step = out["megaflamingo"], timing["open_flamingo"]["step_s"] * 1e3
+    out["floor_ms"] = mf["gflop"] / peak * 1e3
+    out["floor_ratio"] = out["floor_ms"] / of_step
+    out["goal_leaves_for_rest_ms"] = 0.8 * of_step - mf["ms"]
+    return out
+
+
 def _rss_mib() -> float:
     """This process's peak RSS in MiB: VmHWM (ru_maxrss would carry the forking parent's peak
     across exec on Linux)."""
@@ -276,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-RSS child processes")
     parser.add_argument("--memory-rounds", type=int, default=3, help="peak-RSS children per side (median)")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--matmul-floor", action="store_true",
+                        help="also profile each side's matmul work (GFLOP, ms) against this core's sgemm rate")
     parser.add_argument("--memory-child", choices=("open_flamingo", "megaflamingo"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_child:
@@ -287,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         ref, ours = build_trainers(cfg, Path(tmp), args.loss, step=args.step)
         timing = time_interleaved({"open_flamingo": ref, "megaflamingo": ours}, batch, args.warmup, args.repeats)
+        floor = matmul_floor({"open_flamingo": ref, "megaflamingo": ours}, batch, timing) if args.matmul_floor else None
     del ref, ours
     env = environment()
     print(" ".join(f"{k}={v}" for k, v in env.items()))
@@ -307,6 +371,16 @@ def main(argv: list[str] | None = None) -> int:
               "timing": timing, "step_time_ratio": mf["step_s"] / of["step_s"],
               "step_time_ratio_fastest": min(mf["step_s_all"]) / min(of["step_s_all"]),
               "step_time_ratio_median_of_pairs": statistics.median(pairs)}
+    if floor is not None:
+        for side in ("open_flamingo", "megaflamingo"):
+            w = floor[side]
+            print(f"matmuls per step, {side}: {w['gflop']:.1f} GFLOP in {w['ms']:.0f} ms ({w['gflops_rate']:.1f} "
+                  f"GFLOP/s); the rest of its median step: {w['rest_ms']:.0f} ms")
+        print(f"fp32 sgemm here (2048^3): {floor['sgemm_peak_gflops']:.1f} GFLOP/s; megaflamingo's matmuls at that "
+              f"rate alone: {floor['floor_ms']:.0f} ms = {floor['floor_ratio']:.3f}x open_flamingo's median step; "
+              f"the 0.8x goal leaves {floor['goal_leaves_for_rest_ms']:.0f} ms for the rest "
+              f"(measured: {floor['megaflamingo']['rest_ms']:.0f})")
+        result["matmul_floor"] = floor
     if not args.no_memory:
         mem = measure_memory(args.loss, args.warmup, args.step, args.memory_rounds)
         ratio = mem["megaflamingo"]["peak_rss_mib"] / mem["open_flamingo"]["peak_rss_mib"]
