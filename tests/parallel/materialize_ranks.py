@@ -19,9 +19,10 @@ def _run(rank: int, port: int, lm_dir: str) -> None:
     from megaflamingo.models.flamingo import build_model
     from megaflamingo.parallel.materialize import build_rank_model
     from megaflamingo.parallel.plan import apply_tensor_parallel
-    from megaflamingo.parallel.topology import ParallelDims, build_groups
+    from megaflamingo.parallel.topology import ParallelDims, build_groups, import_before_process_group
     from tests.parallel.test_materialize import lm_model_config
 
+    import_before_process_group()
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     groups = build_groups(ParallelDims(tp=2))
     cfg = lm_model_config(lm_dir)
