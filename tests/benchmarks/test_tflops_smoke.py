@@ -16,6 +16,7 @@ import torch
 
 from megaflamingo.config import ConfigError
 from megaflamingo.models.flops import count_flops
+from tests.benchmarks import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "tflops.py"
@@ -24,10 +25,7 @@ RUN_FIELDS = ("step_s", "forward_s", "backward_s", "optimizer_s", "tokens_per_s"
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("tflops_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("tflops")
 
 
 def check_report(report: dict, runs: tuple[str, ...]) -> None:
